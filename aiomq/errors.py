@@ -1,0 +1,32 @@
+"""The exceptions aiomq raises or understands. Callers mostly catch built-ins (DESIGN §2)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["FailedJobError", "SchemaMissingError"]
+
+
+class FailedJobError(Exception):
+    """Raise from a handler to fail the job with ``result`` stored verbatim.
+
+    The job's cursor is saved only with ``update_cursor=True``. Unlike other exceptions it is not logged
+    with a traceback.
+    """
+
+    def __init__(self, result: Any, *, update_cursor: bool = False) -> None:
+        super().__init__("Job execution manually aborted.")
+        self.result = result
+        self.update_cursor = update_cursor
+
+
+class SchemaMissingError(RuntimeError):
+    """The queue's tables are not in the database."""
+
+    def __init__(self, table: str) -> None:
+        super().__init__(
+            f"table {table!r} does not exist in this database: create the queue's tables with "
+            "`await conn.run_sync(metadata.create_all)` (metadata given to make_default_model) "
+            "or `aiomq schema --create`"
+        )
+        self.table = table

@@ -1,0 +1,168 @@
+"""The worker's dedicated asyncpg connection: LISTEN, the advisory lock that is its liveness, keepalive.
+
+Never taken from a pool: the session advisory lock ``(lock_key, lock_id)`` lives exactly as long as this
+connection, and every other worker reads its absence from ``pg_locks`` as "this worker's jobs are lost".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import socket
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import asyncpg
+import sqlalchemy as sa
+
+__all__ = ["Listener", "libpq_dsn"]
+
+log = logging.getLogger(__name__)
+
+# The server drops a silent peer after about 30 + 3 * 10 seconds, which releases a dead host's advisory
+# lock (and so lets other workers mark its jobs lost) in about a minute instead of the kernel's 2 hours.
+_KEEPALIVE_SETTINGS = {
+    "tcp_keepalives_idle": "30",
+    "tcp_keepalives_interval": "10",
+    "tcp_keepalives_count": "3",
+}
+
+
+def libpq_dsn(url: str | sa.URL) -> str:
+    """A URL asyncpg accepts: ``postgresql+asyncpg://`` becomes ``postgresql://``, password kept."""
+    if isinstance(url, str):
+        url = sa.make_url(url)
+    return url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def _set_client_keepalive(conn: Any) -> None:
+    transport = getattr(conn, "_transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+    except OSError:  # some transports (proxies, odd platforms) refuse; the server side still applies
+        log.debug("could not set TCP keepalive on the listener socket", exc_info=True)
+
+
+class Listener:
+    """One connection: LISTENs on ``channels``, holds ``(lock_key, lock_id)``, reports its own death.
+
+    ``on_notify(channel, payload)`` runs on the event loop for every notification; ``on_lost()`` runs once
+    when the connection is gone (server shutdown, ``pg_terminate_backend``, network).
+    """
+
+    def __init__(
+        self,
+        *,
+        dsn: str,
+        channels: Iterable[str],
+        lock_key: int,
+        application_name: str,
+        on_notify: Callable[[str, str], None],
+        on_lost: Callable[[], None],
+    ) -> None:
+        self._dsn = dsn
+        self._channels = list(channels)
+        self._lock_key = lock_key
+        self._application_name = application_name
+        self._on_notify = on_notify
+        self._on_lost = on_lost
+        self._conn: Any = None
+        self.lock_id: int | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self._conn is not None and not self._conn.is_closed()
+
+    async def open(self, timeout: float = 10.0) -> int:
+        """Connect, take a fresh advisory lock id, LISTEN. Returns the lock id."""
+        conn = await asyncpg.connect(
+            self._dsn,
+            timeout=timeout,
+            server_settings={**_KEEPALIVE_SETTINGS, "application_name": self._application_name},
+        )
+        try:
+            _set_client_keepalive(conn)
+            lock_id = None
+            for _ in range(3):
+                candidate = random.randint(1, 2**31 - 1)
+                if await conn.fetchval(
+                    "SELECT pg_try_advisory_lock($1::int4, $2::int4)", self._lock_key, candidate
+                ):
+                    lock_id = candidate
+                    break
+            if lock_id is None:
+                raise RuntimeError("could not take a unique worker advisory lock after 3 attempts")
+            for channel in self._channels:
+                await conn.add_listener(channel, self._notified)
+            conn.add_termination_listener(self._terminated)
+        except BaseException:
+            conn.terminate()
+            raise
+        self._conn = conn
+        self.lock_id = lock_id
+        return lock_id
+
+    def _notified(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        self._on_notify(channel, payload)
+
+    def _terminated(self, conn: Any) -> None:
+        if conn is self._conn:
+            log.warning("listener connection lost (lock_id=%s)", self.lock_id)
+            self._on_lost()
+
+    async def keepalive(self, timeout: float) -> bool:
+        """One round trip; False (and the connection dropped) if it fails."""
+        if not self.alive:
+            return False
+        try:
+            await self._conn.fetchval("SELECT 1", timeout=timeout)
+        except Exception:
+            log.warning("listener keepalive failed (lock_id=%s)", self.lock_id, exc_info=True)
+            self.abort()
+            return False
+        return True
+
+    async def probe(self, notify: Callable[[str, str], Any], timeout: float) -> bool:
+        """True if a NOTIFY sent by ``notify(channel, payload)`` (another connection) arrives here."""
+        import asyncio
+
+        channel = f"aiomq_probe_{random.getrandbits(64):016x}"
+        arrived = asyncio.Event()
+
+        def got(conn: Any, pid: int, ch: str, payload: str) -> None:
+            arrived.set()
+
+        await self._conn.add_listener(channel, got)
+        try:
+            await notify(channel, json.dumps({"probe": True}))
+            try:
+                await asyncio.wait_for(arrived.wait(), timeout)
+            except TimeoutError:
+                return False
+            return True
+        finally:
+            if self.alive:
+                await self._conn.remove_listener(channel, got)
+
+    def abort(self) -> None:
+        """Drop the connection at once (its advisory lock goes with it)."""
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            conn.terminate()
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None or conn.is_closed():
+            return
+        try:
+            await conn.close(timeout=5)
+        except Exception:
+            conn.terminate()

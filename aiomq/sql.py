@@ -1,0 +1,316 @@
+"""Every statement the worker and the source run, built once per model from its table objects.
+
+State values appear as literals, never as bind parameters: asyncpg prepares statements, and once
+PostgreSQL switches a prepared statement to a generic plan, ``state = $1`` no longer matches a partial
+index whose predicate is ``state = 'pending'`` (an ``ON CONFLICT`` arbiter then fails outright).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql as pg
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+from .model import Model
+
+__all__ = ["FINISHED_CHANNEL", "Statements", "statements"]
+
+#: wait_for_job's channel: the dot keeps it apart from every queue channel (queue names are identifiers).
+FINISHED_CHANNEL = "mq.job_finished"
+
+_pg_locks = sa.table(
+    "pg_locks",
+    sa.column("locktype", sa.Text),
+    sa.column("database", sa.Integer),
+    sa.column("classid", sa.Integer),
+    sa.column("objid", sa.Integer),
+    sa.column("objsubid", sa.Integer),
+)
+_pg_database = sa.table("pg_database", sa.column("oid", sa.Integer), sa.column("datname", sa.Text))
+
+
+def _lit(value: str) -> sa.ColumnElement[Any]:
+    return sa.literal_column("'" + value.replace("'", "''") + "'")
+
+
+def _json(name: str) -> sa.ColumnElement[Any]:
+    """A parameter taking JSON text already encoded (and checked) by :func:`aiomq.serialize.dump_json`."""
+    return sa.cast(sa.bindparam(name, type_=sa.Text), pg.JSONB)
+
+
+class Statements:
+    """The compiled-once statements of one model. Parameters are named in each docstring."""
+
+    def __init__(self, model: Model) -> None:
+        st = model.JobStates
+        job = model.Job.__table__
+        cursor = model.JobCursor.__table__
+        lock = model.Lock.__table__
+        self.job = job
+        self.pending = _lit(st.PENDING)
+        running, lost = _lit(st.RUNNING), _lit(st.LOST)
+        queues = sa.bindparam("queues", type_=pg.ARRAY(sa.Text))
+
+        active = job.alias("active")
+        cursor_busy = (
+            sa.exists()
+            .where(active.c.cursor_key == job.c.cursor_key)
+            .where(active.c.cursor_key.isnot(None))
+            .where(active.c.state.in_([running, lost]))
+        )
+        due_order = (job.c.scheduled_time, job.c.created_time, job.c.id)
+
+        #: Enqueue (params: the job's columns, ``args``/``trace`` as JSON text). The arbiter is the collapse
+        #: index, so only a collapsible insert can conflict; then no row comes back and the caller joins.
+        self.enqueue = (
+            pg_insert(job)
+            .values(
+                state=self.pending,
+                args=_json("args_json"),
+                trace=_json("trace_json"),
+            )
+            .on_conflict_do_nothing(
+                index_elements=[job.c.cursor_key, job.c.queue, job.c.method],
+                index_where=sa.and_(job.c.state == self.pending, job.c.collapsible == sa.true()),
+            )
+            .returning(job.c.id, job.c.scheduled_time)
+        )
+
+        #: Claim up to ``limit`` due jobs of ``queues`` at ``now`` for worker ``name`` holding ``lock_id``.
+        #: SKIP LOCKED lets workers claim side by side; the first CTE locks candidates in due order, and the
+        #: window (not allowed beside FOR UPDATE, hence the second step) keeps one job per cursor. A claim
+        #: race on one cursor between two workers surfaces as a unique violation on
+        #: uq_mq_job_active_cursor_key, which the worker retries at once (the cursor is then busy).
+        locked = (
+            sa.select(job.c.id, job.c.cursor_key, *due_order[:2])
+            .where(job.c.state == self.pending)
+            .where(job.c.queue == sa.any_(queues))
+            .where(job.c.scheduled_time <= sa.bindparam("now", type_=sa.DateTime))
+            .where(~cursor_busy)
+            .order_by(*due_order)
+            .limit(sa.bindparam("limit", type_=sa.Integer))
+            .with_for_update(skip_locked=True, of=job)
+            .cte("locked")
+        )
+        ranked = sa.select(
+            locked.c.id,
+            locked.c.cursor_key,
+            sa.func.row_number()
+            .over(
+                partition_by=locked.c.cursor_key,
+                order_by=(locked.c.scheduled_time, locked.c.created_time, locked.c.id),
+            )
+            .label("rank"),
+        ).subquery("ranked")
+        picked = (
+            sa.select(ranked.c.id)
+            .where(sa.or_(ranked.c.cursor_key.is_(None), ranked.c.rank == 1))
+            .cte("picked")
+        )
+        snapshot = sa.select(cursor.c.properties).where(cursor.c.key == job.c.cursor_key).scalar_subquery()
+        self.claim = (
+            job.update()
+            .where(job.c.id == picked.c.id)
+            .values(
+                state=running,
+                lock_id=sa.bindparam("lock_id", type_=sa.Integer),
+                worker=sa.bindparam("name", type_=sa.Text),
+                start_time=sa.bindparam("now", type_=sa.DateTime),
+                cursor_snapshot=snapshot,
+            )
+            .returning(
+                job.c.id,
+                job.c.queue,
+                job.c.method,
+                job.c.args,
+                job.c.cursor_key,
+                job.c.cursor_snapshot,
+                job.c.trace,
+                job.c.scheduled_time,
+                job.c.created_time,
+            )
+        )
+
+        #: The earliest time a job of ``queues`` becomes claimable (cursor not busy), or NULL.
+        self.next_due = (
+            sa.select(sa.func.min(job.c.scheduled_time))
+            .where(job.c.state == self.pending)
+            .where(job.c.queue == sa.any_(queues))
+            .where(~cursor_busy)
+        )
+
+        #: Record a handler's outcome (``id``, ``state``, ``result_json`` or NULL, ``now``), only while
+        #: the job is running or lost: a late finish after fail_lost_job or cancel_job changes nothing.
+        self.finish = (
+            job.update()
+            .where(job.c.id == sa.bindparam("job_id", type_=sa.BigInteger))
+            .where(job.c.state.in_([running, lost]))
+            .values(
+                state=sa.bindparam("state", type_=job.c.state.type),
+                result=_json("result_json"),
+                end_time=sa.bindparam("now", type_=sa.DateTime),
+                lock_id=None,
+            )
+            .returning(job.c.id, job.c.queue, job.c.method, job.c.start_time, job.c.end_time)
+        )
+
+        #: Save a cursor (``key``, ``properties_json``, ``job_id``): created even when ``{}``, updated (with
+        #: ``updated_job_id``) only when the properties changed.
+        ins = pg_insert(cursor).values(
+            key=sa.bindparam("key", type_=sa.Text),
+            properties=_json("properties_json"),
+            updated_job_id=sa.bindparam("job_id", type_=sa.BigInteger),
+        )
+        self.save_cursor = ins.on_conflict_do_update(
+            index_elements=[cursor.c.key],
+            set_={
+                "properties": ins.excluded.properties,
+                "updated_job_id": ins.excluded.updated_job_id,
+            },
+            where=cursor.c.properties.is_distinct_from(ins.excluded.properties),
+        )
+
+        #: Put a job whose handler was cancelled by stop(timeout) back to pending (``job_id``). If a newer
+        #: collapsible job took its collapse slot meanwhile, it returns as non-collapsible.
+        twin = job.alias("twin")
+        slot_taken = (
+            sa.exists()
+            .where(twin.c.state == self.pending)
+            .where(twin.c.collapsible == sa.true())
+            .where(twin.c.cursor_key == job.c.cursor_key)
+            .where(twin.c.queue == job.c.queue)
+            .where(twin.c.method == job.c.method)
+        )
+        self.requeue = (
+            job.update()
+            .where(job.c.id == sa.bindparam("job_id", type_=sa.BigInteger))
+            .where(job.c.state.in_([running, lost]))
+            .values(
+                state=self.pending,
+                lock_id=None,
+                start_time=None,
+                end_time=None,
+                worker=None,
+                cursor_snapshot=None,
+                collapsible=sa.case((slot_taken, sa.false()), else_=job.c.collapsible),
+            )
+            .returning(job.c.id)
+        )
+
+        #: Mark one job lost now (``job_id``, ``now``): its handler could not be interrupted.
+        self.mark_one_lost = (
+            job.update()
+            .where(job.c.id == sa.bindparam("job_id", type_=sa.BigInteger))
+            .where(job.c.state == running)
+            .values(state=lost, lock_id=None, end_time=sa.bindparam("now", type_=sa.DateTime))
+            .returning(job.c.id, job.c.queue, job.c.method, job.c.start_time, job.c.end_time)
+        )
+
+        def lock_gone(lock_id_col: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
+            """No session holds the two-key advisory lock (lock_key, lock_id) in this database."""
+            this_db = (
+                sa.select(_pg_database.c.oid)
+                .where(_pg_database.c.datname == sa.func.current_database())
+                .scalar_subquery()
+            )
+            return ~(
+                sa.exists()
+                .where(_pg_locks.c.locktype == "advisory")
+                .where(_pg_locks.c.database == this_db)
+                .where(_pg_locks.c.classid == sa.bindparam("lock_key", type_=sa.Integer))
+                .where(_pg_locks.c.objid == lock_id_col)
+                .where(_pg_locks.c.objsubid == 2)
+            )
+
+        #: Mark lost every running job of ``queues`` whose worker's advisory lock is gone
+        #: (``lock_key``, ``now``).
+        orphans = (
+            sa.select(job.c.id)
+            .where(job.c.state == running)
+            .where(job.c.queue == sa.any_(queues))
+            .where(lock_gone(job.c.lock_id))
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+        self.mark_lost = (
+            job.update()
+            .where(job.c.id.in_(orphans))
+            .where(job.c.state == running)
+            .values(state=lost, lock_id=None, end_time=sa.bindparam("now", type_=sa.DateTime))
+            .returning(
+                job.c.id,
+                job.c.queue,
+                job.c.method,
+                job.c.cursor_key,
+                job.c.worker,
+                job.c.start_time,
+                job.c.end_time,
+            )
+        )
+
+        #: Delete ``mq_lock`` rows whose owner's advisory lock is gone (``lock_key``), whatever the queue.
+        self.release_stale_locks = (
+            lock.delete()
+            .where(lock_gone(lock.c.lock_id))
+            .returning(lock.c.ns, lock.c.key, lock.c.lock_id, lock.c.worker)
+        )
+
+        #: Delete this worker's ``mq_lock`` rows (``lock_id``) at shutdown.
+        self.release_my_locks = lock.delete().where(
+            lock.c.lock_id == sa.bindparam("lock_id", type_=sa.Integer)
+        )
+
+        #: After a listener reconnect: the jobs this worker still runs (``ids``) move to the new ``lock_id``;
+        #: one that another worker marked lost meanwhile is running again.
+        self.restamp = (
+            job.update()
+            .where(job.c.id == sa.any_(sa.bindparam("ids", type_=pg.ARRAY(sa.BigInteger))))
+            .where(job.c.state.in_([running, lost]))
+            .values(
+                state=running,
+                lock_id=sa.bindparam("lock_id", type_=sa.Integer),
+                worker=sa.bindparam("name", type_=sa.Text),
+                end_time=None,
+            )
+            .returning(job.c.id)
+        )
+        self.move_locks = (
+            lock.update()
+            .where(lock.c.lock_id == sa.bindparam("old_lock_id", type_=sa.Integer))
+            .values(lock_id=sa.bindparam("lock_id", type_=sa.Integer))
+        )
+
+        #: Send a NOTIFY (``channel``, ``payload``) inside the current transaction.
+        self.notify = sa.select(
+            sa.func.pg_notify(sa.bindparam("channel", type_=sa.Text), sa.bindparam("payload", type_=sa.Text))
+        )
+
+        #: Wake whoever serves the next job on cursor ``key``: one ``{"j", "t"}`` hint per queue that has a
+        #: pending job on it, on that queue's own channel.
+        successor = (
+            sa.select(job.c.queue, job.c.id, job.c.scheduled_time)
+            .distinct(job.c.queue)
+            .where(job.c.state == self.pending)
+            .where(job.c.cursor_key == sa.bindparam("key", type_=sa.Text))
+            .order_by(job.c.queue, job.c.scheduled_time, job.c.created_time)
+            .subquery("successor")
+        )
+        epoch = sa.cast(sa.func.floor(sa.extract("epoch", successor.c.scheduled_time)), sa.BigInteger)
+        self.notify_successors = sa.select(
+            sa.func.pg_notify(
+                sa.literal(model.channel_prefix, sa.Text) + successor.c.queue,
+                sa.cast(sa.func.json_build_object("j", successor.c.id, "t", epoch), sa.Text),
+            )
+        )
+
+        #: The table names that must exist (checked at worker start).
+        self.tables = [t.name for t in (job, cursor, lock)]
+
+
+@functools.cache
+def statements(model: Model) -> Statements:
+    """The statements of ``model``, built on first use."""
+    return Statements(model)

@@ -1,0 +1,134 @@
+"""wait_for_job: one LISTEN connection per engine serves every waiter of the process.
+
+Workers send ``{"j": id, "s": state}`` on ``mq.job_finished`` in each finish transaction; a waiter also
+re-reads the job every ``poll_interval`` seconds, so jobs finished by psycopg2_mq workers (which send no
+such NOTIFY) and a lost connection cost latency, never a wrong answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import asyncpg
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from .listener import libpq_dsn
+from .sql import FINISHED_CHANNEL
+
+__all__ = ["wait_for_job"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class _Hub:
+    """The shared connection of one engine on one event loop, opened on first use, closed with the last."""
+
+    def __init__(self, dsn: str) -> None:
+        self._dsn = dsn
+        self._conn: Any = None
+        self._users = 0
+        self._watchers: dict[int, set[asyncio.Event]] = {}
+        self._lock = asyncio.Lock()
+
+    async def enter(self) -> None:
+        self._users += 1
+        async with self._lock:
+            if self._conn is not None and not self._conn.is_closed():
+                return
+            try:
+                conn = await asyncpg.connect(self._dsn, timeout=10)
+                await conn.add_listener(FINISHED_CHANNEL, self._notified)
+            except Exception as ex:  # waiting still works by polling
+                log.warning("wait_for_job cannot LISTEN (%s); polling instead", ex)
+                return
+            self._conn = conn
+
+    async def leave(self) -> None:
+        self._users -= 1
+        async with self._lock:
+            if self._users > 0 or self._conn is None:
+                return
+            conn, self._conn = self._conn, None
+            try:
+                await conn.close(timeout=5)
+            except Exception:
+                conn.terminate()
+
+    def watch(self, job_id: int) -> asyncio.Event:
+        event = asyncio.Event()
+        self._watchers.setdefault(job_id, set()).add(event)
+        return event
+
+    def unwatch(self, job_id: int, event: asyncio.Event) -> None:
+        events = self._watchers.get(job_id)
+        if events is not None:
+            events.discard(event)
+            if not events:
+                del self._watchers[job_id]
+
+    def _notified(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        try:
+            job_id = json.loads(payload)["j"]
+        except (ValueError, TypeError, KeyError):
+            log.debug("ignoring malformed %s payload %r", channel, payload)
+            return
+        for event in self._watchers.get(job_id, ()):
+            event.set()
+
+
+_hubs: weakref.WeakKeyDictionary[AsyncEngine, dict[asyncio.AbstractEventLoop, _Hub]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _hub(engine: AsyncEngine) -> _Hub:
+    loop = asyncio.get_running_loop()
+    per_loop = _hubs.setdefault(engine, {})
+    for other in [lp for lp in per_loop if lp.is_closed()]:
+        del per_loop[other]
+    hub = per_loop.get(loop)
+    if hub is None:
+        hub = per_loop[loop] = _Hub(libpq_dsn(engine.url))
+    return hub
+
+
+async def wait_for_job(
+    engine: AsyncEngine,
+    job_id: int,
+    read: Callable[[], Awaitable[T | None]],
+    is_done: Callable[[T], bool],
+    *,
+    timeout: float | None,
+    poll_interval: float,
+) -> T:
+    if poll_interval <= 0:
+        raise ValueError(f"poll_interval must be positive, got {poll_interval!r}")
+    hub = _hub(engine)
+    await hub.enter()
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                # Watch before reading, so a NOTIFY sent between the read and the wait is not missed.
+                event = hub.watch(job_id)
+                try:
+                    info = await read()
+                    if info is None:
+                        raise LookupError("cannot find job (commit before waiting)", job_id)
+                    if is_done(info):
+                        return info
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(event.wait(), poll_interval)
+                finally:
+                    hub.unwatch(job_id, event)
+    except TimeoutError:
+        raise TimeoutError(f"job {job_id} did not finish within {timeout} seconds") from None
+    finally:
+        await asyncio.shield(hub.leave())

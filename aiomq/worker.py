@@ -1,0 +1,780 @@
+"""AsyncMQWorker: claims due jobs of its queues, runs their handlers, records each outcome once.
+
+The loop (``_serve``) waits for the first of: a NOTIFY hint, a job finishing, the next due time, the next
+maintenance, or stop; then it claims up to its free capacity and starts one task per job. Each job task
+runs the handler and then records the outcome in one transaction that cancellation cannot interrupt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import inspect
+import json
+import logging
+import os
+import random
+import signal
+import socket
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from . import sql
+from .errors import FailedJobError, SchemaMissingError
+from .listener import Listener, libpq_dsn
+from .model import Model
+from .records import JobContext, check_queue_name, utcnow
+from .retry import is_retryable, is_unique_violation
+from .serialize import dump_json, error_result
+from .source import AsyncMQSource
+
+__all__ = ["AsyncMQWorker"]
+
+log = logging.getLogger(__name__)
+
+_EPOCH = datetime.datetime(1970, 1, 1)
+
+
+def _seconds(value: float | datetime.timedelta) -> float:
+    return value.total_seconds() if isinstance(value, datetime.timedelta) else float(value)
+
+
+class _Handler:
+    """A queue's handler: ``execute_job(job)`` or a plain callable, sync (run in a thread) or async."""
+
+    def __init__(self, queue: str, handler: Any) -> None:
+        fn = getattr(handler, "execute_job", None)
+        if fn is None:
+            if not callable(handler):
+                raise TypeError(
+                    f"handler for queue {queue!r} must have an execute_job(job) method or be callable"
+                )
+            fn = handler
+        self.fn: Callable[[JobContext], Any] = fn
+        self.is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+            getattr(fn, "__call__", None)  # noqa: B004
+        )
+
+
+class _Outcome:
+    __slots__ = ("result", "save_cursor", "state")
+
+    def __init__(self, state: str, result: Any, save_cursor: bool) -> None:
+        self.state = state
+        self.result = result
+        self.save_cursor = save_cursor
+
+
+class AsyncMQWorker:
+    """Runs jobs of ``queues`` (``{name: handler}``) from a PostgreSQL database. See DESIGN §2."""
+
+    def __init__(
+        self,
+        *,
+        engine: AsyncEngine,
+        queues: Mapping[str, Any],
+        model: Model,
+        concurrency: int = 10,
+        timeout: float | datetime.timedelta = 60,
+        jitter: float = 0,
+        lock_key: int = 1250360252,
+        retry_intervals: Sequence[float | datetime.timedelta] = (1, 3, 5, 10, 15, 30),
+        name: str | None = None,
+        listener_dsn: str | None = None,
+        capture_signals: bool = False,
+        mq_source_factory: Callable[..., AsyncMQSource] = AsyncMQSource,
+        clock: Callable[[], datetime.datetime] | None = None,
+    ) -> None:
+        if not isinstance(engine, AsyncEngine) or engine.dialect.driver != "asyncpg":
+            raise ValueError(
+                "engine must be an AsyncEngine using the asyncpg driver "
+                "(create_async_engine('postgresql+asyncpg://...')), "
+                f"got {engine!r}"
+            )
+        if not queues:
+            raise ValueError("queues must name at least one queue")
+        if not isinstance(concurrency, int) or concurrency < 1:
+            raise ValueError(f"concurrency must be a positive integer, got {concurrency!r}")
+        self.engine = engine
+        self.model = model
+        self.handlers = {check_queue_name(q): _Handler(q, h) for q, h in queues.items()}
+        self.queues = list(self.handlers)
+        self.concurrency = concurrency
+        self.timeout = _seconds(timeout)
+        if self.timeout <= 0:
+            raise ValueError(f"timeout must be positive, got {timeout!r}")
+        self.jitter = float(jitter)
+        self.lock_key = int(lock_key)
+        self.retry_intervals = [_seconds(i) for i in retry_intervals] or [1.0]
+        self.name = name or f"{socket.gethostname()}.{os.getpid()}"
+        self.listener_dsn = libpq_dsn(listener_dsn or engine.url)
+        self.capture_signals = capture_signals
+        self.mq_source_factory = mq_source_factory
+        self.clock = clock or utcnow
+        self._st = sql.statements(model)
+        self._channels = {f"{model.channel_prefix}{q}": q for q in self.queues}
+
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._running = False
+        self._stopping = False
+        self._wakeup: asyncio.Event | None = None
+        self._listening: asyncio.Event | None = None
+        self._stopped: asyncio.Event | None = None
+        self._run_task: asyncio.Task[None] | None = None
+        self._listener: Listener | None = None
+        self._lock_id: int | None = None
+        self._next_due: datetime.datetime | None = None
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._jobs: dict[int, JobContext] = {}
+        self._in_handler: dict[int, bool] = {}  # job id -> handler is sync
+        self._limiter = anyio.CapacityLimiter(concurrency)
+
+    # ---------------------------------------------------------------- public lifecycle
+
+    async def run(self) -> None:
+        """Serve until :meth:`shutdown_gracefully` (or :meth:`stop`); returns normally after it."""
+        await self._run(until_idle=False)
+
+    async def run_until_idle(self) -> None:
+        """Run every due job, follow-ups included, and return when none is due and none is in flight."""
+        if self._running:
+            raise RuntimeError("run_until_idle() cannot be used while run() is active")
+        await self._run(until_idle=True)
+
+    def shutdown_gracefully(self) -> None:
+        """No new claims; jobs in flight finish and are recorded. Thread-safe, idempotent."""
+        self._stopping = True
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._wake()
+        else:
+            with contextlib.suppress(RuntimeError):  # loop closed meanwhile
+                loop.call_soon_threadsafe(self._wake)
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Shut down gracefully and wait. After ``timeout`` seconds, cancel handlers still running."""
+        self.shutdown_gracefully()
+        stopped = self._stopped
+        if stopped is None or not self._running:
+            return
+        if timeout is not None:
+            try:
+                await asyncio.wait_for(stopped.wait(), timeout)
+            except TimeoutError:
+                self._cancel_handlers()
+        await stopped.wait()
+        task = self._run_task
+        if task is not None and task is not asyncio.current_task():
+            self._run_task = None
+            await task
+
+    async def __aenter__(self) -> AsyncMQWorker:
+        if self._running:
+            raise RuntimeError("this worker is already running")
+        self._listening = asyncio.Event()
+        task = asyncio.create_task(self.run(), name=f"aiomq-worker {self.name}")
+        self._run_task = task
+        listening = asyncio.ensure_future(self._listening.wait())
+        await asyncio.wait({task, listening}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            listening.cancel()
+            self._run_task = None
+            task.result()  # raises what run() raised
+            raise RuntimeError("worker stopped before it was listening")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def get_status(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "running": self._running and not self._stopping,
+            "concurrency": self.concurrency,
+            "queues": list(self.queues),
+            "lock_id": self._lock_id,
+            "listener_connected": self._listener is not None and self._listener.alive,
+            "active_jobs": [
+                {
+                    "id": job.id,
+                    "queue": job.queue,
+                    "method": job.method,
+                    "args": job.args,
+                    "cursor_key": job.cursor_key,
+                }
+                for job in self._jobs.values()
+            ],
+        }
+
+    # ---------------------------------------------------------------- overridable
+
+    def result_from_error(self, ex: BaseException) -> Any:
+        """The ``result`` stored for a handler that raised ``ex`` (anything but FailedJobError)."""
+        return error_result(ex)
+
+    def is_retryable_error(self, ex: BaseException) -> bool:
+        """Whether a database operation that raised ``ex`` is worth trying again."""
+        return is_retryable(ex)
+
+    # ---------------------------------------------------------------- the loop
+
+    async def _run(self, *, until_idle: bool) -> None:
+        if self._running:
+            raise RuntimeError("this worker is already running")
+        self._running = True
+        self._stopping = False
+        self._loop = asyncio.get_running_loop()
+        self._wakeup = asyncio.Event()
+        self._stopped = asyncio.Event()
+        if self._listening is None:
+            self._listening = asyncio.Event()
+        restore = self._install_signals() if self.capture_signals and not until_idle else None
+        try:
+            await self._check_schema()
+            await self._connect(first=True)
+            if self._listener is None:  # stopped while connecting
+                return
+            self._listening.set()
+            log.info(
+                "worker %s listening on queues %s (lock_id=%s)",
+                self.name,
+                ",".join(self.queues),
+                self._lock_id,
+            )
+            await self._serve(until_idle=until_idle)
+        except BaseException:
+            self._cancel_handlers()
+            raise
+        finally:
+            try:
+                await asyncio.shield(self._teardown())
+            finally:
+                if restore is not None:
+                    restore()
+                self._running = False
+                self._listening = None
+                self._stopped.set()
+
+    async def _serve(self, *, until_idle: bool) -> None:
+        loop = asyncio.get_running_loop()
+        next_maintenance = loop.time()
+        assert self._wakeup is not None
+        while not self._stopping:
+            if self._listener is None or not self._listener.alive:
+                await self._connect(first=False)
+                continue
+            if loop.time() >= next_maintenance:
+                await self._maintenance()
+                next_maintenance = loop.time() + self.timeout
+            free = self.concurrency - len(self._tasks)
+            claimed = 0
+            if free > 0 and (until_idle or self._is_due()):
+                claimed = await self._claim(free)
+            if until_idle and claimed == 0 and not self._tasks:
+                return
+            delay = next_maintenance - loop.time()
+            if self.concurrency > len(self._tasks) and self._next_due is not None:
+                delay = min(delay, (self._next_due - self.clock()).total_seconds())
+            if delay > 0 or not self._is_due():
+                await self._sleep(max(delay, 0.0) + random.uniform(0, self.jitter))
+        if self._tasks:
+            log.info("worker %s waiting for %d job(s) to finish", self.name, len(self._tasks))
+            await asyncio.wait(list(self._tasks.values()))
+
+    def _is_due(self) -> bool:
+        return self._next_due is not None and self._next_due <= self.clock()
+
+    async def _sleep(self, delay: float) -> None:
+        assert self._wakeup is not None
+        if self._wakeup.is_set():
+            self._wakeup.clear()
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wakeup.wait(), delay)
+        self._wakeup.clear()
+
+    def _wake(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    def _hint(self, when: datetime.datetime) -> None:
+        if self._next_due is None or when < self._next_due:
+            self._next_due = when
+        self._wake()
+
+    # ---------------------------------------------------------------- listener
+
+    def _on_notify(self, channel: str, payload: str) -> None:
+        queue = self._channels.get(channel)
+        if queue is None:
+            log.warning("ignoring a notification on unknown channel %r", channel)
+            return
+        try:
+            data = json.loads(payload)
+            if not isinstance(data, dict) or not isinstance(data.get("t"), int | float):
+                raise ValueError("no numeric 't'")
+            when = _EPOCH + datetime.timedelta(seconds=int(data["t"]))
+        except (ValueError, TypeError, OverflowError) as ex:
+            log.warning("ignoring a malformed notification on %r: %r (%s)", channel, payload, ex)
+            return
+        if "j" in data:
+            self._hint(when)
+        elif "s" in data:
+            self._wake()  # schedules: handled by the scheduler at its next pass
+
+    def _on_listener_lost(self) -> None:
+        self._wake()
+
+    async def _connect(self, *, first: bool) -> None:
+        """Open (or rotate) the listener connection, retrying with capped backoff until stopped."""
+        old_lock_id = self._lock_id
+        if self._listener is not None:
+            self._listener.abort()
+            self._listener = None
+        attempt = 0
+        while not self._stopping:
+            listener = Listener(
+                dsn=self.listener_dsn,
+                channels=self._channels,
+                lock_key=self.lock_key,
+                application_name=f"aiomq worker {self.name}"[:63],
+                on_notify=self._on_notify,
+                on_lost=self._on_listener_lost,
+            )
+            try:
+                lock_id = await listener.open()
+                if first:
+                    await self._prove_same_database(listener)
+                if old_lock_id is not None:
+                    await self._recover(old_lock_id, lock_id)
+            except Exception as ex:
+                listener.abort()
+                if first and isinstance(ex, ValueError | SchemaMissingError):
+                    raise
+                delay = self._backoff(attempt)
+                log.warning(
+                    "worker %s cannot open its listener connection (%s); retrying in %.1fs",
+                    self.name,
+                    ex,
+                    delay,
+                )
+                attempt += 1
+                await self._sleep(delay)
+                continue
+            self._listener = listener
+            self._lock_id = lock_id
+            self._next_due = self.clock()  # anything may have been enqueued while we were away
+            if old_lock_id is not None:
+                log.info("worker %s reconnected (lock_id %s -> %s)", self.name, old_lock_id, lock_id)
+            return
+
+    async def _prove_same_database(self, listener: Listener) -> None:
+        async def send(channel: str, payload: str) -> None:
+            async with self.engine.begin() as conn:
+                await conn.execute(self._st.notify, {"channel": channel, "payload": payload})
+
+        if not await listener.probe(send, timeout=10):
+            raise ValueError(
+                "the listener connection and the engine do not reach the same database: a NOTIFY sent "
+                "through the engine did not arrive on listener_dsn"
+            )
+
+    async def _recover(self, old_lock_id: int, lock_id: int) -> None:
+        """After a reconnect, re-stamp the jobs still running here and move scheduler locks."""
+        async with self.engine.begin() as conn:
+            rows = await conn.execute(
+                self._st.restamp,
+                {"ids": list(self._jobs), "lock_id": lock_id, "name": self.name},
+            )
+            await conn.execute(self._st.move_locks, {"old_lock_id": old_lock_id, "lock_id": lock_id})
+        recovered = [r.id for r in rows]
+        if recovered:
+            log.info(
+                "worker %s re-stamped running jobs %s with lock_id=%s",
+                self.name,
+                recovered,
+                lock_id,
+            )
+
+    def _backoff(self, attempt: int) -> float:
+        base = self.retry_intervals[min(attempt, len(self.retry_intervals) - 1)]
+        return base + random.uniform(0, self.jitter)
+
+    # ---------------------------------------------------------------- database operations
+
+    async def _check_schema(self) -> None:
+        async def check(conn: AsyncConnection) -> None:
+            for table in self._st.tables:
+                found = await conn.scalar(sa.select(sa.func.to_regclass(table)))
+                if found is None:
+                    raise SchemaMissingError(table)
+
+        await self._with_retries("schema check", check)
+
+    async def _with_retries(self, what: str, op: Callable[[AsyncConnection], Any]) -> Any:
+        """Run ``op`` in a transaction, retried on retryable errors per ``retry_intervals``."""
+        attempts = len(self.retry_intervals)
+        for attempt in range(attempts):
+            try:
+                async with self.engine.begin() as conn:
+                    return await op(conn)
+            except Exception as ex:
+                if attempt + 1 >= attempts or not self.is_retryable_error(ex) or self._stopping:
+                    raise
+                delay = self._backoff(attempt)
+                log.info("%s failed (%s); retry %d in %.1fs", what, ex, attempt + 1, delay)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def _maintenance(self) -> None:
+        """Keepalive, stale scheduler locks, lost jobs. Failures are logged; the worker goes on."""
+        assert self._listener is not None
+        if not await self._listener.keepalive(timeout=min(self.timeout, 30)):
+            return
+        now = self.clock()
+
+        async def op(conn: AsyncConnection) -> tuple[list[Any], list[Any]]:
+            stale = list(await conn.execute(self._st.release_stale_locks, {"lock_key": self.lock_key}))
+            lost = list(
+                await conn.execute(
+                    self._st.mark_lost, {"queues": self.queues, "lock_key": self.lock_key, "now": now}
+                )
+            )
+            for job in lost:
+                await self._job_finished(conn, job.id, self.model.JobStates.LOST)
+            return stale, lost
+
+        try:
+            stale, lost = await self._with_retries("maintenance", op)
+        except Exception:
+            log.exception("maintenance failed; the worker goes on and tries again in %ss", self.timeout)
+            return
+        for row in stale:
+            log.warning("released stale lock ns=%s key=%s of worker %s", row.ns, row.key, row.worker)
+        for job in lost:
+            log.error(
+                "job %s (%s.%s, cursor_key=%s) of worker %s is lost: its worker is gone",
+                job.id,
+                job.queue,
+                job.method,
+                job.cursor_key,
+                job.worker,
+            )
+        if lost:
+            self._next_due = self.clock()
+
+    async def _claim(self, limit: int) -> int:
+        """Claim up to ``limit`` due jobs and start them. Returns how many were started."""
+        assert self._lock_id is not None
+        now = self.clock()
+        params = {
+            "queues": self.queues,
+            "now": now,
+            "limit": limit,
+            "lock_id": self._lock_id,
+            "name": self.name,
+        }
+        races = 0
+        attempt = 0
+        while True:
+            try:
+                async with self.engine.begin() as conn:
+                    rows = list(await conn.execute(self._st.claim, params))
+                    if len(rows) < limit:
+                        next_due = await conn.scalar(self._st.next_due, {"queues": self.queues})
+                break
+            except Exception as ex:
+                if is_unique_violation(ex) and races < 20:
+                    races += 1  # another worker took a job of the same cursor: claim again at once
+                    continue
+                if self.is_retryable_error(ex) and attempt + 1 < len(self.retry_intervals):
+                    delay = self._backoff(attempt)
+                    log.info("claim failed (%s); retry %d in %.1fs", ex, attempt + 1, delay)
+                    attempt += 1
+                    await asyncio.sleep(delay)
+                    if self._stopping:
+                        return 0
+                    continue
+                log.exception("claim failed, the worker goes on: %s", ex)
+                self._next_due = self.clock() + datetime.timedelta(seconds=self.retry_intervals[-1])
+                return 0
+        self._next_due = now if len(rows) >= limit else next_due
+        rows.sort(key=lambda r: (r.scheduled_time, r.created_time, r.id))
+        for row in rows:
+            self._start(JobContext.from_claim(row), row.scheduled_time, now)
+        return len(rows)
+
+    def _start(self, job: JobContext, scheduled: datetime.datetime, now: datetime.datetime) -> None:
+        log.info(
+            "running job %s (%s.%s, cursor_key=%s), %.3fs after its scheduled time",
+            job.id,
+            job.queue,
+            job.method,
+            job.cursor_key,
+            (now - scheduled).total_seconds(),
+        )
+        self._jobs[job.id] = job
+        task = asyncio.create_task(self._run_job(job), name=f"aiomq job {job.id}")
+        self._tasks[job.id] = task
+
+    async def _run_job(self, job: JobContext) -> None:
+        handler = self.handlers[job.queue]
+        self._in_handler[job.id] = not handler.is_async
+        try:
+            outcome = await self._execute(handler, job)
+        except asyncio.CancelledError:
+            self._in_handler.pop(job.id, None)
+            await asyncio.shield(self._abandon(job, sync=not handler.is_async))
+            self._forget(job.id)
+            raise
+        self._in_handler.pop(job.id, None)
+        try:
+            await asyncio.shield(self._finish(job, outcome))
+        finally:
+            self._forget(job.id)
+
+    def _forget(self, job_id: int) -> None:
+        self._jobs.pop(job_id, None)
+        self._tasks.pop(job_id, None)
+        self._wake()
+
+    async def _execute(self, handler: _Handler, job: JobContext) -> _Outcome:
+        states = self.model.JobStates
+        try:
+            if handler.is_async:
+                result = await handler.fn(job)
+            else:
+                result = await anyio.to_thread.run_sync(
+                    _call_in_thread,
+                    handler.fn,
+                    job,
+                    self.name,
+                    abandon_on_cancel=True,
+                    limiter=self._limiter,
+                )
+        except FailedJobError as ex:
+            log.info("job %s failed on purpose (update_cursor=%s)", job.id, ex.update_cursor)
+            return _Outcome(states.FAILED, ex.result, ex.update_cursor)
+        except Exception as ex:
+            log.exception("error while handling job=%s", job.id)
+            return _Outcome(states.FAILED, self.result_from_error(ex), False)
+        return _Outcome(states.COMPLETED, result, True)
+
+    async def _finish(self, job: JobContext, outcome: _Outcome) -> None:
+        """Record the outcome; retried until it commits or the worker is stopped."""
+        states = self.model.JobStates
+        result_json: str | None
+        try:
+            result_json = None if outcome.result is None else dump_json(outcome.result, "the job result")
+            cursor_json = None
+            if outcome.save_cursor and job.cursor_key is not None:
+                cursor_json = dump_json(job.cursor, "the job's cursor")
+        except (TypeError, ValueError) as ex:
+            log.error("job %s failed: %s", job.id, ex)
+            outcome = _Outcome(states.FAILED, None, False)
+            result_json = dump_json(error_result(ex), "error result")
+            cursor_json = None
+        if job.cursor_key is None and job.cursor is not None:
+            log.warning("job %s has no cursor_key: ignoring the cursor it set", job.id)
+
+        async def op(conn: AsyncConnection) -> bool:
+            now = self.clock()
+            row = (
+                await conn.execute(
+                    self._st.finish,
+                    {
+                        "job_id": job.id,
+                        "state": outcome.state,
+                        "result_json": result_json,
+                        "now": now,
+                    },
+                )
+            ).first()
+            if row is None:
+                return False
+            if cursor_json is not None:
+                await conn.execute(
+                    self._st.save_cursor,
+                    {"key": job.cursor_key, "properties_json": cursor_json, "job_id": job.id},
+                )
+            await self._job_finished(conn, job.id, outcome.state, cursor_key=job.cursor_key)
+            return True
+
+        attempt = 0
+        rejected = False
+        while True:
+            try:
+                async with self.engine.begin() as conn:
+                    recorded = await op(conn)
+                break
+            except Exception as ex:
+                if self.is_retryable_error(ex):
+                    if self._stopping and attempt >= len(self.retry_intervals):
+                        log.error("giving up recording job %s after %d attempts: %s", job.id, attempt, ex)
+                        return
+                    delay = self._backoff(attempt)
+                    log.warning("recording job %s failed (%s); retrying in %.1fs", job.id, ex, delay)
+                    attempt += 1
+                    await asyncio.sleep(delay)
+                    continue
+                if rejected:
+                    log.exception("could not record job %s", job.id)
+                    return
+                # Retrying cannot fix this (the database rejects the result or the cursor): say so.
+                log.error("job %s: the database rejected its outcome: %s", job.id, ex)
+                rejected = True
+                outcome = _Outcome(states.FAILED, None, False)
+                cursor_json = None
+                result_json = dump_json(
+                    {
+                        **error_result(ex),
+                        "message": f"the database rejected the job's outcome: {ex}",
+                    },
+                    "error result",
+                )
+        if not recorded:
+            log.warning(
+                "job %s finished (%s) but is no longer running or lost: outcome discarded",
+                job.id,
+                outcome.state,
+            )
+            return
+        log.info("finished job %s: %s", job.id, outcome.state)
+        if job.cursor_key is not None:
+            self._hint(self.clock())
+
+    async def _job_finished(
+        self, conn: AsyncConnection, job_id: int, state: str, *, cursor_key: str | None = None
+    ) -> None:
+        """In the state change's transaction: wake waiters, and whoever serves the cursor's next job."""
+        await conn.execute(
+            self._st.notify,
+            {"channel": sql.FINISHED_CHANNEL, "payload": json.dumps({"j": job_id, "s": state})},
+        )
+        if cursor_key is not None:
+            await conn.execute(self._st.notify_successors, {"key": cursor_key})
+
+    async def _abandon(self, job: JobContext, *, sync: bool) -> None:
+        """A handler was cancelled by stop(timeout): an async job goes back to pending, a sync one is lost."""
+        states = self.model.JobStates
+
+        async def op(conn: AsyncConnection) -> Any:
+            if sync:
+                row = (
+                    await conn.execute(self._st.mark_one_lost, {"job_id": job.id, "now": self.clock()})
+                ).first()
+                if row is not None:
+                    await self._job_finished(conn, job.id, states.LOST, cursor_key=job.cursor_key)
+                return row
+            row = (await conn.execute(self._st.requeue, {"job_id": job.id})).first()
+            if row is not None:
+                await conn.execute(
+                    self._st.notify,
+                    {
+                        "channel": f"{self.model.channel_prefix}{job.queue}",
+                        "payload": json.dumps(
+                            {"j": job.id, "t": int((self.clock() - _EPOCH).total_seconds())}
+                        ),
+                    },
+                )
+            return row
+
+        try:
+            await self._with_retries("abandon job", op)
+        except Exception:
+            log.exception("could not release job %s after cancelling its handler", job.id)
+            return
+        if sync:
+            log.error("job %s: its sync handler could not be interrupted; marked lost", job.id)
+        else:
+            log.warning("job %s: handler cancelled at stop; the job is pending again", job.id)
+
+    def _cancel_handlers(self) -> None:
+        for job_id in list(self._in_handler):
+            task = self._tasks.get(job_id)
+            if task is not None and not task.done():
+                task.cancel()
+
+    async def _teardown(self) -> None:
+        if self._tasks:
+            await asyncio.wait(list(self._tasks.values()))
+        listener, self._listener = self._listener, None
+        if listener is not None and self._lock_id is not None and listener.alive:
+            try:
+                async with self.engine.begin() as conn:
+                    await conn.execute(self._st.release_my_locks, {"lock_id": self._lock_id})
+            except Exception as ex:
+                log.warning("could not release the locks of worker %s: %s", self.name, ex)
+        if listener is not None:
+            await listener.close()
+        self._lock_id = None
+        log.info("worker %s stopped", self.name)
+
+    # ---------------------------------------------------------------- signals
+
+    def _install_signals(self) -> Callable[[], None] | None:
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("capture_signals=True needs run() on the main thread")
+        loop = asyncio.get_running_loop()
+        sigints = 0
+
+        def on_sigint() -> None:
+            nonlocal sigints
+            sigints += 1
+            if sigints == 1:
+                log.info("SIGINT: shutting down gracefully (again to stop at once)")
+                self.shutdown_gracefully()
+            else:
+                log.warning("second SIGINT: cancelling running handlers")
+                self._cancel_handlers()
+
+        def on_sigterm() -> None:
+            log.info("SIGTERM: shutting down gracefully")
+            self.shutdown_gracefully()
+
+        def on_sigusr1() -> None:
+            log.warning("status: %s", json.dumps(self.get_status(), default=str))
+
+        handlers = {
+            signal.SIGINT: on_sigint,
+            signal.SIGTERM: on_sigterm,
+            signal.SIGUSR1: on_sigusr1,
+        }
+        previous = {sig: signal.getsignal(sig) for sig in handlers}
+        for sig, fn in handlers.items():
+            loop.add_signal_handler(sig, fn)
+
+        def restore() -> None:
+            for sig, old in previous.items():
+                loop.remove_signal_handler(sig)
+                if old is not None:
+                    signal.signal(sig, old)
+
+        return restore
+
+
+def _call_in_thread(fn: Callable[[JobContext], Any], job: JobContext, name: str) -> Any:
+    thread = threading.current_thread()
+    old = thread.name
+    thread.name = f"{name},job={job.id}"
+    try:
+        return fn(job)
+    except Exception:
+        raise
+    except BaseException as ex:  # SystemExit and friends from a handler fail the job, not the worker
+        raise RuntimeError(f"handler raised {type(ex).__name__}: {ex}") from ex
+    finally:
+        thread.name = old
