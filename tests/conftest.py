@@ -1,0 +1,185 @@
+"""Fixtures: one PostgreSQL server per session, a fresh database per test (from a template with the schema)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import os
+import pathlib
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import asyncpg
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from aiomq import AsyncMQSource, AsyncMQWorker, make_default_model
+from aiomq.model import Model
+
+from .pgserver import PgServer, PgUnavailable, start_pg_server
+
+METADATA = sa.MetaData()
+MODEL = make_default_model(METADATA)
+
+
+def with_database(dsn: str, database: str) -> str:
+    return sa.make_url(dsn).set(database=database).render_as_string(hide_password=False)
+
+
+def asyncpg_url(dsn: str) -> str:
+    return sa.make_url(dsn).set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
+
+
+async def _admin(dsn: str) -> Any:
+    return await asyncpg.connect(dsn, timeout=30)
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServer]:
+    try:
+        server = start_pg_server(pathlib.Path(tmp_path_factory.mktemp("pg")))
+    except PgUnavailable as ex:
+        if os.environ.get("CI"):
+            pytest.fail(f"no PostgreSQL for the tests: {ex}")
+        pytest.skip(f"no PostgreSQL for the tests: {ex}")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def template_db(pg_server: PgServer) -> Iterator[str]:
+    """A database holding the schema; every test's database is a copy of it."""
+    name = f"aiomq_tpl_{uuid.uuid4().hex[:12]}"
+
+    async def create() -> None:
+        conn = await _admin(pg_server.dsn)
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
+        finally:
+            await conn.close()
+        engine = create_async_engine(asyncpg_url(with_database(pg_server.dsn, name)))
+        try:
+            async with engine.begin() as c:
+                await c.run_sync(METADATA.create_all)
+        finally:
+            await engine.dispose()
+
+    async def drop() -> None:
+        conn = await _admin(pg_server.dsn)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+    asyncio.run(create())
+    try:
+        yield name
+    finally:
+        asyncio.run(drop())
+
+
+@pytest.fixture
+async def database(pg_server: PgServer, template_db: str) -> AsyncIterator[str]:
+    """A libpq URL of a fresh database with the schema, dropped after the test."""
+    name = f"aiomq_t_{uuid.uuid4().hex[:12]}"
+    conn = await _admin(pg_server.dsn)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+    finally:
+        await conn.close()
+    try:
+        yield with_database(pg_server.dsn, name)
+    finally:
+        conn = await _admin(pg_server.dsn)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+
+@pytest.fixture
+async def empty_database(pg_server: PgServer) -> AsyncIterator[str]:
+    """A fresh database without the schema."""
+    name = f"aiomq_e_{uuid.uuid4().hex[:12]}"
+    conn = await _admin(pg_server.dsn)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
+    finally:
+        await conn.close()
+    try:
+        yield with_database(pg_server.dsn, name)
+    finally:
+        conn = await _admin(pg_server.dsn)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+
+@pytest.fixture
+def model() -> Model:
+    return MODEL
+
+
+@pytest.fixture
+async def engine(database: str) -> AsyncIterator[AsyncEngine]:
+    eng = create_async_engine(asyncpg_url(database), pool_size=20, max_overflow=10)
+    try:
+        yield eng
+    finally:
+        await eng.dispose()
+
+
+@pytest.fixture
+async def db(database: str) -> AsyncIterator[Any]:
+    """A raw asyncpg connection to the test database, for assertions."""
+    conn = await asyncpg.connect(database)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def source(engine: AsyncEngine, model: Model) -> AsyncMQSource:
+    return AsyncMQSource(engine=engine, model=model)
+
+
+class Clock:
+    """An injectable naive-UTC clock, starting now, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = datetime.datetime.now(datetime.UTC).replace(tzinfo=None, microsecond=0)
+
+    def __call__(self) -> datetime.datetime:
+        return self.now
+
+    def advance(self, **kw: float) -> datetime.datetime:
+        self.now += datetime.timedelta(**kw)
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def make_worker(engine: AsyncEngine, model: Model) -> AsyncIterator[Callable[..., AsyncMQWorker]]:
+    """Build workers on the test database; any still running are stopped at teardown."""
+    workers: list[AsyncMQWorker] = []
+
+    def make(queues: dict[str, Any], **kw: Any) -> AsyncMQWorker:
+        kw.setdefault("timeout", 5)
+        kw.setdefault("retry_intervals", (0.05, 0.1, 0.2, 0.5))
+        worker = AsyncMQWorker(engine=kw.pop("engine", engine), queues=queues, model=model, **kw)
+        workers.append(worker)
+        return worker
+
+    yield make
+    for worker in workers:
+        await worker.stop(timeout=5)
