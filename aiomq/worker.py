@@ -119,6 +119,7 @@ class AsyncMQWorker:
         self.mq_source_factory = mq_source_factory
         self.clock = clock or utcnow
         self._st = sql.statements(model)
+        self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         self._channels = {f"{model.channel_prefix}{q}": q for q in self.queues}
 
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -491,10 +492,9 @@ class AsyncMQWorker:
         attempt = 0
         while True:
             try:
-                async with self.engine.begin() as conn:
+                # One statement, so autocommit makes it one round trip and one transaction.
+                async with self._autocommit.connect() as conn:
                     rows = list(await conn.execute(self._st.claim, params))
-                    if len(rows) < limit:
-                        next_due = await conn.scalar(self._st.next_due, {"queues": self.queues})
                 break
             except Exception as ex:
                 if is_unique_violation(ex) and races < 20:
@@ -511,11 +511,23 @@ class AsyncMQWorker:
                 log.exception("claim failed, the worker goes on: %s", ex)
                 self._next_due = self.clock() + datetime.timedelta(seconds=self.retry_intervals[-1])
                 return 0
-        self._next_due = now if len(rows) >= limit else next_due
         rows.sort(key=lambda r: (r.scheduled_time, r.created_time, r.id))
         for row in rows:
             self._start(JobContext.from_claim(row), row.scheduled_time, now)
+        if len(rows) >= limit:
+            self._next_due = now  # there may be more: claim again when a slot frees
+        else:
+            await self._refresh_next_due()
         return len(rows)
+
+    async def _refresh_next_due(self) -> None:
+        """Ask the database when the next job becomes claimable (None: wait for a hint)."""
+        try:
+            async with self._autocommit.connect() as conn:
+                self._next_due = await conn.scalar(self._st.next_due, {"queues": self.queues})
+        except Exception as ex:
+            log.warning("could not read the next due time (%s); polling every %ss", ex, self.timeout)
+            self._next_due = None
 
     def _start(self, job: JobContext, scheduled: datetime.datetime, now: datetime.datetime) -> None:
         log.info(
