@@ -1,0 +1,32 @@
+"""Every example runs, top to bottom, on a real database."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from examples import cursor_throttle, echo
+
+from .conftest import asyncpg_url
+
+
+async def test_echo_example(database: str) -> None:
+    assert await echo.main(asyncpg_url(database)) == 'hello, Andy from method="hello"'
+
+
+async def test_cursor_throttle_example(database: str) -> None:
+    cursor = await cursor_throttle.main(asyncpg_url(database))
+    # two windows of five calls each: two jobs, ten changes seen, state kept between them
+    assert cursor == {"runs": 2, "seen": 10}
+
+
+def test_echo_example_as_a_script(database: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "examples/echo.py", asyncpg_url(database)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert 'completed: hello, Andy from method="hello"' in proc.stdout
