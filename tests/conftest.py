@@ -1,4 +1,4 @@
-"""Fixtures: one PostgreSQL server per session, a fresh database per test (from a template with the schema)."""
+"""Fixtures: one PostgreSQL server per session, a fresh database per test (copied from a template)."""
 
 from __future__ import annotations
 
