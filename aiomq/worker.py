@@ -284,6 +284,10 @@ class AsyncMQWorker:
             claimed = 0
             if free > 0 and (until_idle or self._is_due()):
                 claimed = await self._claim(free)
+                if claimed == 0 and self._is_due():
+                    # Due jobs exist but are locked (another worker's claim or a caller's FOR UPDATE):
+                    # look again shortly instead of spinning.
+                    self._next_due = self.clock() + datetime.timedelta(seconds=0.05)
             if until_idle and claimed == 0 and not self._tasks:
                 return
             delay = next_maintenance - loop.time()
@@ -363,7 +367,10 @@ class AsyncMQWorker:
                     await self._recover(old_lock_id, lock_id)
             except Exception as ex:
                 listener.abort()
-                if first and isinstance(ex, ValueError | SchemaMissingError):
+                if first and (
+                    isinstance(ex, ValueError | SchemaMissingError)
+                    or attempt + 1 >= len(self.retry_intervals)
+                ):
                     raise
                 delay = self._backoff(attempt)
                 log.warning(
