@@ -21,6 +21,7 @@ from .errors import SchemaMissingError
 from .model import Model
 from .records import JobInfo, QueuedJob, check_queue_name, to_naive_utc, utcnow
 from .retry import sqlstate
+from .schedules import check_rrule, next_rrule_time
 from .serialize import dump_json
 from .waiters import wait_for_job
 
@@ -141,19 +142,64 @@ class AsyncMQSource:
         listener_ids: Iterable[int] | None = None,
     ) -> QueuedJob:
         """Enqueue a job, or join the pending collapsible job on its cursor (then ``created`` is False)."""
+        params = self._call_params(  # validates everything before any SQL
+            queue,
+            method,
+            args,
+            when=when,
+            now=now,
+            cursor_key=cursor_key,
+            collapse_on_cursor=collapse_on_cursor,
+            conflict_resolver=conflict_resolver,
+            trace=trace,
+            job_kwargs=job_kwargs,
+            schedule_ids=schedule_ids,
+            listener_ids=listener_ids,
+        )
+        async with self._session() as session:
+            return await self._enqueue(
+                session,
+                params,
+                conflict_resolver=conflict_resolver,
+                schedule_ids=schedule_ids,
+                listener_ids=listener_ids,
+            )
+
+    async def _call_in(
+        self, session: AsyncSession, queue: str, method: str, args: Any, **kw: Any
+    ) -> QueuedJob:
+        """``call`` inside an already open session (schedules and listeners)."""
+        params = self._call_params(queue, method, args, **kw)
+        return await self._enqueue(
+            session,
+            params,
+            conflict_resolver=kw.get("conflict_resolver"),
+            schedule_ids=kw.get("schedule_ids"),
+            listener_ids=kw.get("listener_ids"),
+        )
+
+    def _call_params(
+        self,
+        queue: str,
+        method: str,
+        args: Any,
+        *,
+        when: datetime.datetime | datetime.timedelta | None = None,
+        now: datetime.datetime | None = None,
+        cursor_key: str | None = None,
+        collapse_on_cursor: bool | None = None,
+        conflict_resolver: Callable[[Any], Any] | None = None,
+        trace: Any = None,
+        job_kwargs: dict[str, Any] | None = None,
+        schedule_ids: Iterable[int] | None = None,
+        listener_ids: Iterable[int] | None = None,
+    ) -> dict[str, Any]:
         check_queue_name(queue)
-        if not isinstance(method, str) or not method:
-            raise ValueError(f"method must be a non-empty string, got {method!r}")
-        if cursor_key is not None and not isinstance(cursor_key, str):
-            raise TypeError(f"cursor_key must be a string, got {type(cursor_key).__name__}")
-        if collapse_on_cursor is None:
-            collapse_on_cursor = cursor_key is not None
-        elif collapse_on_cursor and cursor_key is None:
-            raise ValueError("collapse_on_cursor=True needs a cursor_key")
+        _check_method(method)
+        collapse = _collapse(collapse_on_cursor, cursor_key)
         now = utcnow() if now is None else _as_time(now, utcnow(), "now")
         when = now if when is None else _as_time(when, now, "when")
-        args = {} if args is None else args
-        args_json = dump_json(args, "args")
+        args_json = dump_json({} if args is None else args, "args")
         trace = _merge_ids(trace, "mq_schedule_ids", schedule_ids)
         trace = _merge_ids(trace, "mq_listener_ids", listener_ids)
         trace_json = dump_json(trace, "trace")
@@ -164,25 +210,17 @@ class AsyncMQSource:
                 raise ValueError(f"job_kwargs cannot set {key!r}: not a free column of the job table")
         if conflict_resolver is not None and not callable(conflict_resolver):
             raise TypeError("conflict_resolver must be callable")
-        params = {
+        return {
             **extra,
             "created_time": now,
             "scheduled_time": when,
             "queue": queue,
             "method": method,
             "cursor_key": cursor_key,
-            "collapsible": bool(collapse_on_cursor),
+            "collapsible": collapse,
             "args_json": args_json,
             "trace_json": trace_json,
         }
-        async with self._session() as session:
-            return await self._enqueue(
-                session,
-                params,
-                conflict_resolver=conflict_resolver,
-                schedule_ids=schedule_ids,
-                listener_ids=listener_ids,
-            )
 
     async def _enqueue(
         self,
@@ -413,3 +451,295 @@ class AsyncMQSource:
             timeout=timeout,
             poll_interval=poll_interval,
         )
+
+    # ---------------------------------------------------------------- schedules
+
+    async def add_schedule(
+        self,
+        queue: str,
+        method: str,
+        args: Any = None,
+        *,
+        rrule: str,
+        is_enabled: bool = True,
+        cursor_key: str | None = None,
+        collapse_on_cursor: bool | None = None,
+        schedule_kwargs: dict[str, Any] | None = None,
+        now: datetime.datetime | None = None,
+        reload: bool = True,
+    ) -> Any:
+        """Add a recurring schedule (RFC 5545 RRULE); returns the ``model.JobSchedule`` row."""
+        check_queue_name(queue)
+        _check_method(method)
+        collapse = _collapse(collapse_on_cursor, cursor_key)
+        now = utcnow() if now is None else to_naive_utc(now)
+        check_rrule(rrule, now)
+        args = {} if args is None else args
+        args = json.loads(dump_json(args, "args"))
+        next_time = next_rrule_time(rrule, now, now)
+        schedule = self.model.JobSchedule(
+            **(schedule_kwargs or {}),
+            created_time=now,
+            is_enabled=bool(is_enabled),
+            rrule=rrule,
+            queue=queue,
+            method=method,
+            args=args,
+            cursor_key=cursor_key,
+            collapse_on_cursor=collapse,
+            next_execution_time=next_time,
+        )
+        async with self._session() as session:
+            session.add(schedule)
+            await session.flush()
+            if reload and is_enabled and next_time is not None:
+                await self._notify(session, queue, {"s": None, "t": _epoch(next_time)})
+            if self.dbsession is None:
+                session.expunge(schedule)
+        log.info("added schedule %s (%s.%s, rrule=%r)", schedule.id, queue, method, rrule)
+        return schedule
+
+    async def get_schedule(self, schedule_id: int, *, for_update: bool = False, raises: bool = True) -> Any:
+        """The ``model.JobSchedule`` row; ``LookupError`` (or None with ``raises=False``) if missing."""
+        return await self._get_row(self.model.JobSchedule, "schedule", schedule_id, for_update, raises)
+
+    async def _get_row(self, cls: type[Any], what: str, row_id: int, for_update: bool, raises: bool) -> Any:
+        if for_update and self.dbsession is None:
+            raise ValueError(f"get_{what}(for_update=True) needs a dbsession source")
+        async with self._session() as session:
+            row = await session.get(cls, row_id, with_for_update=for_update or None, populate_existing=True)
+            if row is None:
+                if raises:
+                    raise LookupError(f"cannot find {what}", row_id)
+                return None
+            if self.dbsession is None:
+                session.expunge(row)
+            return row
+
+    async def disable_schedule(self, schedule_id: int) -> None:
+        async with self._session() as session:
+            schedule = await self._locked_row(session, self.model.JobSchedule, "schedule", schedule_id)
+            if not schedule.is_enabled:
+                log.info("schedule %s is already disabled", schedule_id)
+                return
+            schedule.is_enabled = False
+            schedule.next_execution_time = None
+            await session.flush()
+        log.info("disabled schedule %s", schedule_id)
+
+    async def enable_schedule(
+        self, schedule_id: int, *, now: datetime.datetime | None = None, reload: bool = True
+    ) -> None:
+        now = utcnow() if now is None else to_naive_utc(now)
+        async with self._session() as session:
+            schedule = await self._locked_row(session, self.model.JobSchedule, "schedule", schedule_id)
+            if schedule.is_enabled:
+                log.info("schedule %s is already enabled", schedule_id)
+                return
+            schedule.is_enabled = True
+            schedule.next_execution_time = next_rrule_time(schedule.rrule, schedule.created_time, now)
+            await session.flush()
+            if reload and schedule.next_execution_time is not None:
+                await self._notify(
+                    session, schedule.queue, {"s": None, "t": _epoch(schedule.next_execution_time)}
+                )
+        log.info("enabled schedule %s", schedule_id)
+
+    async def call_schedule(
+        self,
+        schedule_id: int,
+        *,
+        now: datetime.datetime | None = None,
+        reload: bool = True,
+        when: datetime.datetime | datetime.timedelta | None = None,
+    ) -> QueuedJob:
+        """Enqueue the schedule's job now; an enabled schedule then advances past ``now``."""
+        now = utcnow() if now is None else to_naive_utc(now)
+        async with self._session() as session:
+            schedule = await self._locked_row(session, self.model.JobSchedule, "schedule", schedule_id)
+            job = await self._call_in(
+                session,
+                schedule.queue,
+                schedule.method,
+                schedule.args,
+                when=now if when is None else _as_time(when, now, "when"),
+                now=now,
+                cursor_key=schedule.cursor_key,
+                collapse_on_cursor=bool(schedule.collapse_on_cursor),
+                schedule_ids=[schedule.id],
+            )
+            if schedule.is_enabled:
+                schedule.next_execution_time = next_rrule_time(schedule.rrule, schedule.created_time, now)
+                await session.flush()
+                if reload and schedule.next_execution_time is not None:
+                    await self._notify(
+                        session, schedule.queue, {"s": None, "t": _epoch(schedule.next_execution_time)}
+                    )
+            return job
+
+    async def reload_scheduler(self, queue: str, *, now: datetime.datetime | None = None) -> None:
+        """Ask the worker owning ``queue``'s schedules to re-read them now."""
+        check_queue_name(queue)
+        now = utcnow() if now is None else to_naive_utc(now)
+        async with self._session() as session:
+            await self._notify(session, queue, {"s": None, "t": _epoch(now)})
+
+    # ---------------------------------------------------------------- listeners and events
+
+    async def add_listener(
+        self,
+        event: str,
+        queue: str,
+        method: str,
+        args: Any = None,
+        *,
+        when: datetime.timedelta | None = None,
+        is_enabled: bool = True,
+        context_arg_key: str | None = None,
+        cursor_key: str | None = None,
+        collapse_on_cursor: bool | None = None,
+        listener_kwargs: dict[str, Any] | None = None,
+        now: datetime.datetime | None = None,
+    ) -> Any:
+        """Turn every ``emit_event(event, ...)`` into a job; returns the ``model.JobListener`` row."""
+        if not isinstance(event, str) or not event:
+            raise ValueError(f"event must be a non-empty string, got {event!r}")
+        check_queue_name(queue)
+        _check_method(method)
+        collapse = _collapse(collapse_on_cursor, cursor_key)
+        if when is not None and not isinstance(when, datetime.timedelta):
+            raise TypeError(
+                f"when must be a timedelta (the delay after the event), got {type(when).__name__}"
+            )
+        if context_arg_key is None:
+            context_arg_key = "events" if collapse else "event"
+        now = utcnow() if now is None else to_naive_utc(now)
+        args = json.loads(dump_json({} if args is None else args, "args"))
+        if not isinstance(args, dict):
+            raise TypeError("a listener's args must be a dict (the event is added under context_arg_key)")
+        listener = self.model.JobListener(
+            **(listener_kwargs or {}),
+            created_time=now,
+            is_enabled=bool(is_enabled),
+            event=event,
+            queue=queue,
+            method=method,
+            args=args,
+            context_arg_key=context_arg_key,
+            when=when,
+            cursor_key=cursor_key,
+            collapse_on_cursor=collapse,
+        )
+        async with self._session() as session:
+            session.add(listener)
+            await session.flush()
+            if self.dbsession is None:
+                session.expunge(listener)
+        log.info("added listener %s (%s -> %s.%s)", listener.id, event, queue, method)
+        return listener
+
+    async def get_listener(self, listener_id: int, *, for_update: bool = False, raises: bool = True) -> Any:
+        """The ``model.JobListener`` row; ``LookupError`` (or None with ``raises=False``) if missing."""
+        return await self._get_row(self.model.JobListener, "listener", listener_id, for_update, raises)
+
+    async def enable_listener(self, listener_id: int, *, now: datetime.datetime | None = None) -> None:
+        await self._toggle_listener(listener_id, True)
+
+    async def disable_listener(self, listener_id: int) -> None:
+        await self._toggle_listener(listener_id, False)
+
+    async def _toggle_listener(self, listener_id: int, enabled: bool) -> None:
+        async with self._session() as session:
+            listener = await self._locked_row(session, self.model.JobListener, "listener", listener_id)
+            if listener.is_enabled == enabled:
+                log.info("listener %s is already %s", listener_id, "enabled" if enabled else "disabled")
+                return
+            listener.is_enabled = enabled
+            await session.flush()
+
+    async def emit_event(
+        self,
+        name: str,
+        data: Any = None,
+        *,
+        now: datetime.datetime | None = None,
+        trace: Any = None,
+    ) -> list[QueuedJob]:
+        """Create one job per enabled listener of ``name``; returns them (ids repeat when they collapse)."""
+        now = utcnow() if now is None else to_naive_utc(now)
+        dump_json(data, "event data")
+        dump_json(trace, "trace")
+        async with self._session() as session:
+            return await self._emit(session, name, data, now=now, trace=trace)
+
+    async def _emit(
+        self, session: AsyncSession, name: str, data: Any, *, now: datetime.datetime, trace: Any
+    ) -> list[QueuedJob]:
+        Listener = self.model.JobListener
+        listeners = (
+            await session.scalars(
+                sa.select(Listener)
+                .where(Listener.event == name, Listener.is_enabled == sa.true())
+                .order_by(Listener.id)
+            )
+        ).all()
+        stamp = now.replace(tzinfo=datetime.UTC).isoformat()
+        jobs = []
+        for listener in listeners:
+            event = {"name": name, "listener_id": listener.id, "now": stamp, "data": data}
+            key = listener.context_arg_key
+            collapse = bool(listener.collapse_on_cursor)
+            resolver = None
+            if collapse:
+                args = {key: [event], **listener.args}
+                resolver = _append_event(key, event)
+            else:
+                args = {key: event, **listener.args}
+            jobs.append(
+                await self._call_in(
+                    session,
+                    listener.queue,
+                    listener.method,
+                    args,
+                    when=now + (listener.when or datetime.timedelta(0)),
+                    now=now,
+                    cursor_key=listener.cursor_key,
+                    collapse_on_cursor=collapse,
+                    conflict_resolver=resolver,
+                    listener_ids=[listener.id],
+                    trace=copy.deepcopy(trace),
+                )
+            )
+        return jobs
+
+    async def _locked_row(self, session: AsyncSession, cls: type[Any], what: str, row_id: int) -> Any:
+        row = await session.get(cls, row_id, with_for_update=True, populate_existing=True)
+        if row is None:
+            raise LookupError(f"cannot find {what}", row_id)
+        return row
+
+
+def _check_method(method: object) -> None:
+    if not isinstance(method, str) or not method:
+        raise ValueError(f"method must be a non-empty string, got {method!r}")
+
+
+def _collapse(collapse_on_cursor: bool | None, cursor_key: str | None) -> bool:
+    if cursor_key is not None and not isinstance(cursor_key, str):
+        raise TypeError(f"cursor_key must be a string, got {type(cursor_key).__name__}")
+    if collapse_on_cursor is None:
+        return cursor_key is not None
+    if collapse_on_cursor and cursor_key is None:
+        raise ValueError("collapse_on_cursor=True needs a cursor_key")
+    return bool(collapse_on_cursor)
+
+
+def _append_event(key: str, event: dict[str, Any]) -> Callable[[Any], None]:
+    def resolve(job: Any) -> None:
+        args = copy.deepcopy(job.args) if isinstance(job.args, dict) else {}
+        events = args.setdefault(key, [])
+        if isinstance(events, list):
+            events.append(event)
+            job.args = args
+
+    return resolve
