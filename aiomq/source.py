@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from . import sql
 from .errors import SchemaMissingError
+from .events import finished_event
 from .model import Model
 from .records import JobInfo, QueuedJob, check_queue_name, to_naive_utc, utcnow
 from .retry import sqlstate
@@ -417,6 +418,8 @@ class AsyncMQSource:
                 job.result = json.loads(result_json)
             await session.flush()
             await self._finished_hint(session, job_id, st.FAILED)
+            name, data = finished_event(st.FAILED, job, result=result)
+            await self._emit(session, name, data, now=utcnow(), trace=None)
         log.info("failed lost job %s", job_id)
 
     async def _locked(self, session: AsyncSession, job_id: int) -> Any:

@@ -63,6 +63,32 @@ class Statements:
         )
         due_order = (job.c.scheduled_time, job.c.created_time, job.c.id)
 
+        # What a state change returns: enough for the job_finished event, and whether anyone listens to it
+        # (so the common case of no listeners costs no extra round trip).
+        listener = model.JobListener.__table__
+        event_name = (
+            sa.literal("mq.job_finished.", sa.Text)
+            + sa.cast(job.c.state, sa.Text)
+            + "."
+            + job.c.queue
+            + "."
+            + job.c.method
+        )
+        has_listeners = (
+            sa.exists()
+            .where(listener.c.event == event_name)
+            .where(listener.c.is_enabled == sa.true())
+            .label("has_listeners")
+        )
+        finished_columns = (
+            job.c.id,
+            job.c.queue,
+            job.c.method,
+            job.c.start_time,
+            job.c.end_time,
+            has_listeners,
+        )
+
         #: Enqueue (params: the job's columns, ``args``/``trace`` as JSON text). The arbiter is the collapse
         #: index, so only a collapsible insert can conflict; then no row comes back and the caller joins.
         self.enqueue = (
@@ -154,7 +180,7 @@ class Statements:
                 end_time=sa.bindparam("now", type_=sa.DateTime),
                 lock_id=None,
             )
-            .returning(job.c.id, job.c.queue, job.c.method, job.c.start_time, job.c.end_time)
+            .returning(*finished_columns)
         )
 
         #: Save a cursor (``key``, ``properties_json``, ``job_id``): created even when ``{}``, updated (with
@@ -206,7 +232,7 @@ class Statements:
             .where(job.c.id == sa.bindparam("job_id", type_=sa.BigInteger))
             .where(job.c.state == running)
             .values(state=lost, lock_id=None, end_time=sa.bindparam("now", type_=sa.DateTime))
-            .returning(job.c.id, job.c.queue, job.c.method, job.c.start_time, job.c.end_time)
+            .returning(*finished_columns)
         )
 
         def lock_gone(lock_id_col: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
@@ -246,8 +272,7 @@ class Statements:
                 job.c.method,
                 job.c.cursor_key,
                 job.c.worker,
-                job.c.start_time,
-                job.c.end_time,
+                *finished_columns[3:],
             )
         )
 

@@ -24,10 +24,11 @@ from typing import Any
 import anyio
 import anyio.to_thread
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from . import sql
 from .errors import FailedJobError, SchemaMissingError
+from .events import finished_event
 from .listener import Listener, libpq_dsn
 from .model import Model
 from .records import JobContext, check_queue_name, utcnow
@@ -462,7 +463,7 @@ class AsyncMQWorker:
                 )
             )
             for job in lost:
-                await self._job_finished(conn, job.id, self.model.JobStates.LOST)
+                await self._job_finished(conn, job, self.model.JobStates.LOST, cursor_key=job.cursor_key)
             return stale, lost
 
         try:
@@ -624,12 +625,13 @@ class AsyncMQWorker:
             ).first()
             if row is None:
                 return False
+            result_value = None if result_json is None else json.loads(result_json)
             if cursor_json is not None:
                 await conn.execute(
                     self._st.save_cursor,
                     {"key": job.cursor_key, "properties_json": cursor_json, "job_id": job.id},
                 )
-            await self._job_finished(conn, job.id, outcome.state, cursor_key=job.cursor_key)
+            await self._job_finished(conn, row, outcome.state, result=result_value, cursor_key=job.cursor_key)
             return True
 
         attempt = 0
@@ -676,12 +678,26 @@ class AsyncMQWorker:
             self._hint(self.clock())
 
     async def _job_finished(
-        self, conn: AsyncConnection, job_id: int, state: str, *, cursor_key: str | None = None
+        self,
+        conn: AsyncConnection,
+        row: Any,
+        state: str,
+        *,
+        result: Any = None,
+        cursor_key: str | None = None,
     ) -> None:
-        """In the state change's transaction: wake waiters, and whoever serves the cursor's next job."""
+        """In the state change's transaction: the finished event (if anyone listens), a hint for waiters,
+        and one for whoever serves the cursor's next job."""
+        lost = state == self.model.JobStates.LOST
+        if row.has_listeners:
+            name, data = finished_event(state, row, result=result, lost=lost)
+            async with AsyncSession(bind=conn) as session:
+                source = self.mq_source_factory(dbsession=session, model=self.model)
+                await source.emit_event(name, data, now=self.clock())
+                await session.flush()
         await conn.execute(
             self._st.notify,
-            {"channel": sql.FINISHED_CHANNEL, "payload": json.dumps({"j": job_id, "s": state})},
+            {"channel": sql.FINISHED_CHANNEL, "payload": json.dumps({"j": row.id, "s": state})},
         )
         if cursor_key is not None:
             await conn.execute(self._st.notify_successors, {"key": cursor_key})
@@ -696,7 +712,7 @@ class AsyncMQWorker:
                     await conn.execute(self._st.mark_one_lost, {"job_id": job.id, "now": self.clock()})
                 ).first()
                 if row is not None:
-                    await self._job_finished(conn, job.id, states.LOST, cursor_key=job.cursor_key)
+                    await self._job_finished(conn, row, states.LOST, cursor_key=job.cursor_key)
                 return row
             row = (await conn.execute(self._st.requeue, {"job_id": job.id})).first()
             if row is not None:
