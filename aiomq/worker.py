@@ -33,6 +33,7 @@ from .listener import Listener, libpq_dsn
 from .model import Model
 from .records import JobContext, check_queue_name, utcnow
 from .retry import is_retryable, is_unique_violation
+from .schedules import next_rrule_time, schedule_statements
 from .serialize import dump_json, error_result
 from .source import AsyncMQSource
 
@@ -120,6 +121,7 @@ class AsyncMQWorker:
         self.mq_source_factory = mq_source_factory
         self.clock = clock or utcnow
         self._st = sql.statements(model)
+        self._ss = schedule_statements(model)
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         self._channels = {f"{model.channel_prefix}{q}": q for q in self.queues}
 
@@ -133,6 +135,8 @@ class AsyncMQWorker:
         self._listener: Listener | None = None
         self._lock_id: int | None = None
         self._next_due: datetime.datetime | None = None
+        self._owned: list[str] = []  # queues whose schedules this worker fires
+        self._next_schedule: datetime.datetime | None = None
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._jobs: dict[int, JobContext] = {}
         self._in_handler: dict[int, bool] = {}  # job id -> handler is sync
@@ -281,6 +285,8 @@ class AsyncMQWorker:
             if loop.time() >= next_maintenance:
                 await self._maintenance()
                 next_maintenance = loop.time() + self.timeout
+            if self._next_schedule is not None and self._next_schedule <= self.clock():
+                await self._apply_schedules()
             free = self.concurrency - len(self._tasks)
             claimed = 0
             if free > 0 and (until_idle or self._is_due()):
@@ -294,6 +300,8 @@ class AsyncMQWorker:
             delay = next_maintenance - loop.time()
             if self.concurrency > len(self._tasks) and self._next_due is not None:
                 delay = min(delay, (self._next_due - self.clock()).total_seconds())
+            if self._next_schedule is not None:
+                delay = min(delay, (self._next_schedule - self.clock()).total_seconds())
             if delay > 0 or not self._is_due():
                 await self._sleep(max(delay, 0.0) + random.uniform(0, self.jitter))
         if self._tasks:
@@ -338,8 +346,10 @@ class AsyncMQWorker:
             return
         if "j" in data:
             self._hint(when)
-        elif "s" in data:
-            self._wake()  # schedules: handled by the scheduler at its next pass
+        elif "s" in data and queue in self._owned:
+            if self._next_schedule is None or when < self._next_schedule:
+                self._next_schedule = when
+            self._wake()
 
     def _on_listener_lost(self) -> None:
         self._wake()
@@ -464,6 +474,7 @@ class AsyncMQWorker:
             )
             for job in lost:
                 await self._job_finished(conn, job, self.model.JobStates.LOST, cursor_key=job.cursor_key)
+            await self._scheduler_maintenance(conn, now)
             return stale, lost
 
         try:
@@ -484,6 +495,61 @@ class AsyncMQWorker:
             )
         if lost:
             self._next_due = self.clock()
+
+    async def _scheduler_maintenance(self, conn: AsyncConnection, now: datetime.datetime) -> None:
+        """Own the scheduling of every queue nobody owns; move stale schedules past ``now - timeout``."""
+        ss = self._ss
+        params = {"queues": self.queues, "lock_id": self._lock_id, "name": self.name}
+        await conn.execute(ss.take_ownership, params)
+        owned = [q for q in (await conn.scalars(ss.owned, params)).all() if q in self.handlers]
+        if owned != self._owned:
+            log.info("worker %s runs the schedules of queues %s", self.name, ",".join(owned) or "(none)")
+        self._owned = owned
+        if not owned:
+            self._next_schedule = None
+            return
+        cutoff = now - datetime.timedelta(seconds=self.timeout)
+        for schedule in await conn.execute(ss.stale, {"queues": owned, "before": cutoff}):
+            next_time = next_rrule_time(schedule.rrule, schedule.created_time, cutoff)
+            log.warning(
+                "schedule %s (%s.%s) missed its time %s; skipping to %s",
+                schedule.id,
+                schedule.queue,
+                schedule.method,
+                schedule.next_execution_time,
+                next_time,
+            )
+            await conn.execute(ss.set_next, {"schedule_id": schedule.id, "next_time": next_time})
+        self._next_schedule = await conn.scalar(ss.next_time, {"queues": owned})
+
+    async def _apply_schedules(self) -> None:
+        """Fire every due schedule of the owned queues: one job each, no backfill."""
+        now = self.clock()
+        owned = list(self._owned)
+
+        async def op(conn: AsyncConnection) -> list[Any]:
+            fired = []
+            due = list(await conn.execute(self._ss.due, {"queues": owned, "now": now}))
+            if due:
+                async with AsyncSession(bind=conn) as session:
+                    source = self.mq_source_factory(dbsession=session, model=self.model)
+                    for schedule in due:
+                        job = await source.call_schedule(
+                            schedule.id, now=now, when=schedule.next_execution_time, reload=False
+                        )
+                        fired.append((schedule.id, job))
+                    await session.flush()
+            self._next_schedule = await conn.scalar(self._ss.next_time, {"queues": owned})
+            return fired
+
+        try:
+            fired = await self._with_retries("apply schedules", op)
+        except Exception:
+            log.exception("firing schedules failed; the worker goes on")
+            self._next_schedule = now + datetime.timedelta(seconds=self.retry_intervals[-1])
+            return
+        for schedule_id, job in fired:
+            log.info("schedule %s fired job %s", schedule_id, job.id)
 
     async def _claim(self, limit: int) -> int:
         """Claim up to ``limit`` due jobs and start them. Returns how many were started."""
