@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from examples import cursor_throttle, echo
+from examples import cursor_throttle, echo, recurring
 
 from .conftest import asyncpg_url
 
@@ -30,3 +30,10 @@ def test_echo_example_as_a_script(database: str) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert 'completed: hello, Andy from method="hello"' in proc.stdout
+
+
+async def test_recurring_example(database: str) -> None:
+    outcome = await recurring.main(asyncpg_url(database), seconds=2.5)
+    runs = outcome["cursor"]["runs"]
+    assert runs >= 2  # a firing per second, serialised on the cursor
+    assert len(outcome["notified"]) == runs  # one listener job per completed run
