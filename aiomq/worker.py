@@ -285,6 +285,9 @@ class AsyncMQWorker:
             if loop.time() >= next_maintenance:
                 await self._maintenance()
                 next_maintenance = loop.time() + self.timeout
+                # NOTIFY is a hint: a cursor freed without one (fail_lost_job, a psycopg2_mq worker
+                # finishing a job on a cursor shared with our queues) is found by this re-check.
+                self._next_due = self.clock()
             if self._next_schedule is not None and self._next_schedule <= self.clock():
                 await self._apply_schedules()
             free = self.concurrency - len(self._tasks)
@@ -493,8 +496,6 @@ class AsyncMQWorker:
                 job.cursor_key,
                 job.worker,
             )
-        if lost:
-            self._next_due = self.clock()
 
     async def _scheduler_maintenance(self, conn: AsyncConnection, now: datetime.datetime) -> None:
         """Own the scheduling of every queue nobody owns; move stale schedules past ``now - timeout``."""

@@ -10,6 +10,7 @@ import asyncio
 import copy
 import datetime
 import functools
+import itertools
 import json
 import random
 import threading
@@ -22,14 +23,13 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from aiomq import AsyncMQSource, AsyncMQWorker, JobContext
-from aiomq.model import Model
 
 pytestmark = pytest.mark.interop
 
 LOCK_KEY = 1250360252  # the default of both libraries
 MakeWorker = Callable[..., AsyncMQWorker]
 
-# ---------------------------------------------------------------------------------------------- psycopg2_mq side
+# ------------------------------------------------------------------------------------------ psycopg2_mq side
 
 
 @functools.cache
@@ -153,7 +153,7 @@ async def p2_workers(sync_engine: sa.Engine) -> Any:
     assert not errors, errors
 
 
-# ---------------------------------------------------------------------------------------------- handlers
+# -------------------------------------------------------------------------------------------------- handlers
 
 
 def echo_result(job: Any) -> dict[str, Any]:
@@ -210,7 +210,7 @@ class AsyncEcho:
         return echo_result(job)
 
 
-# ---------------------------------------------------------------------------------------------- helpers
+# --------------------------------------------------------------------------------------------------- helpers
 
 
 async def fetch_job(db: Any, job_id: int) -> dict[str, Any]:
@@ -267,7 +267,7 @@ def _iso(value: Any) -> datetime.datetime:
     return parsed
 
 
-# ---------------------------------------------------------------------------------------------- a) p2 -> aiomq
+# -------------------------------------------------------------------------------------------- a) p2 -> aiomq
 
 
 async def test_psycopg2_mq_source_jobs_run_on_aiomq_worker(
@@ -358,7 +358,7 @@ async def test_psycopg2_mq_schedule_and_listener_provenance_reach_aiomq_handler(
     assert len(by_id[schedule_job]["schedule_ids"]) == 1
 
 
-# ---------------------------------------------------------------------------------------------- b) aiomq -> p2
+# -------------------------------------------------------------------------------------------- b) aiomq -> p2
 
 
 async def test_aiomq_source_jobs_run_on_psycopg2_mq_worker(
@@ -377,12 +377,15 @@ async def test_aiomq_source_jobs_run_on_psycopg2_mq_worker(
     assert info.state == "completed"
     assert info.result == {"queue": "echo", "method": "hello", "args": {"name": "y"}, "greeting": "hello y"}
     assert info.worker == "p2-b"
-    assert info.start_time is not None and info.end_time is not None
+    assert info.start_time is not None
+    assert info.end_time is not None
     assert info.scheduled_time <= info.start_time <= info.end_time
 
     first = await source.call("echo", "hello", {"name": "c-1"}, cursor_key="c2")
     second = await source.call("echo", "hello", {"name": "c-2"}, cursor_key="c2", collapse_on_cursor=False)
-    assert first.created and second.created and first.id != second.id
+    assert first.created
+    assert second.created
+    assert first.id != second.id
     for job in (first, second):
         done = await source.wait_for_job(job.id, timeout=8, poll_interval=0.2)
         assert done.state == "completed"
@@ -445,7 +448,80 @@ async def test_psycopg2_mq_worker_fails_aiomq_job_with_reference_error_result(
     assert set(info.result) == {"exc", "message", "args", "tb"}
 
 
-# ---------------------------------------------------------------------------------------------- c) liveness
+async def test_aiomq_finished_events_reach_psycopg2_mq_listeners(
+    sync_engine: sa.Engine, source: AsyncMQSource, make_worker: MakeWorker, db: Any
+) -> None:
+    """aiomq emits psycopg2_mq's ``mq.job_finished.<state>.<queue>.<method>`` events (reference §11)."""
+    listeners = {
+        state: await p2_add_listener(sync_engine, f"mq.job_finished.{state}.echo.{method}", "audit", state)
+        for state, method in (("completed", "hello"), ("failed", "boom"), ("lost", "hello"))
+    }
+    fail_lost = await p2_add_listener(sync_engine, "mq.job_finished.failed.echo.hello", "audit", "fail_lost")
+    ok = await p2_call(sync_engine, "echo", "hello", {"name": "ok"})
+    boom = await p2_call(sync_engine, "echo", "boom", {"name": "b"})
+    orphan = await p2_call(sync_engine, "echo", "hello", {"name": "o"})
+    await make_running(db, orphan, await unheld_lock_id(db))
+    async with make_worker({"echo": AsyncEcho()}, timeout=5):
+        states = {
+            j: (await source.wait_for_job(j, timeout=4, poll_interval=0.2)).state for j in (ok, boom, orphan)
+        }
+    assert states == {ok: "completed", boom: "failed", orphan: "lost"}
+    await source.fail_lost_job(orphan, result={"why": "gone"})
+
+    audit = await db.fetch(
+        "SELECT id, method, args::text, trace::text, state::text FROM mq_job "
+        "WHERE queue = 'audit' ORDER BY id"
+    )
+    by_method = {r["method"]: r for r in audit}
+    assert sorted(by_method) == ["completed", "fail_lost", "failed", "lost"]
+    assert len(audit) == 4
+    rows = {j: await fetch_job(db, j) for j in (ok, boom, orphan)}
+
+    def check(method: str, listener_id: int, name: str, job_id: int) -> dict[str, Any]:
+        record = by_method[method]
+        assert record["state"] == "pending"
+        assert json.loads(record["trace"]) == {"mq_listener_ids": [listener_id]}
+        args = json.loads(record["args"])
+        assert set(args) == {"event"}
+        event = args["event"]
+        assert set(event) == {"name", "listener_id", "now", "data"}
+        assert (event["name"], event["listener_id"]) == (name, listener_id)
+        assert event["now"].endswith("+00:00")
+        data: dict[str, Any] = event["data"]
+        row = rows[job_id]
+        assert (data["queue"], data["method"]) == (row["queue"], row["method"])
+        assert _iso(data["start_time"]) == _iso(row["start_time"])
+        assert _iso(data["end_time"]) == _iso(row["end_time"])
+        return data
+
+    completed = check("completed", listeners["completed"], "mq.job_finished.completed.echo.hello", ok)
+    assert set(completed) == {"id", "queue", "method", "start_time", "end_time", "result"}
+    assert completed["id"] == ok
+    assert completed["result"] == rows[ok]["result"]
+    failed = check("failed", listeners["failed"], "mq.job_finished.failed.echo.boom", boom)
+    assert set(failed) == {"id", "queue", "method", "start_time", "end_time", "result"}
+    assert failed["id"] == boom
+    assert failed["result"] == rows[boom]["result"]
+    assert failed["result"]["exc"] == "ValueError"
+    lost = check("lost", listeners["lost"], "mq.job_finished.lost.echo.hello", orphan)
+    assert set(lost) == {"job", "queue", "method", "start_time", "end_time"}  # `job`, not `id`; no result
+    assert lost["job"] == orphan
+    # fail_lost_job: the failed event with the given result (the lost end_time is kept).
+    resolved = check("fail_lost", fail_lost, "mq.job_finished.failed.echo.hello", orphan)
+    assert set(resolved) == {"id", "queue", "method", "start_time", "end_time", "result"}
+    assert (resolved["id"], resolved["result"]) == (orphan, {"why": "gone"})
+
+    links = await db.fetch("SELECT job_id, listener_id FROM mq_job_listener_link ORDER BY job_id")
+    assert [tuple(r) for r in links] == [
+        (by_method[m]["id"], lid)
+        for m, lid in sorted(
+            [*((k, v) for k, v in listeners.items()), ("fail_lost", fail_lost)],
+            key=lambda kv: by_method[kv[0]]["id"],
+        )
+    ]
+
+
+# ----------------------------------------------------------------------------------------------- c) liveness
 
 
 async def test_aiomq_maintenance_marks_lost_a_running_job_whose_lock_nobody_holds(
@@ -477,18 +553,43 @@ async def test_aiomq_maintenance_marks_lost_a_running_job_whose_lock_nobody_hold
         assert (await fetch_job(db, follower.id))["state"] == "pending"
         assert handler.seen == []
 
-        # psycopg2_mq resolves the lost job; aiomq then runs the next job of the cursor.
-        await p2(sync_engine, lambda src, _: src.fail_lost_job(orphan, result={"why": "host died"}))
-        assert (await source.wait_for_job(follower.id, timeout=4, poll_interval=0.2)).state == "completed"
-
         # The live session goes away: its job is lost at the next maintenance.
         assert await db.fetchval("SELECT pg_advisory_unlock($1::int4, $2::int4)", LOCK_KEY, alive_lock)
         assert (await source.wait_for_job(alive, timeout=4, poll_interval=0.2)).state == "lost"
 
+    # psycopg2_mq resolves a job aiomq marked lost.
+    await p2(sync_engine, lambda src, _: src.fail_lost_job(orphan, result={"why": "host died"}))
     job = await p2_job(sync_engine, orphan)
     assert job["state"] == "failed"
     assert job["result"] == {"why": "host died"}
-    assert [s["id"] for s in handler.seen] == [follower.id]
+    assert (await fetch_job(db, follower.id))["state"] == "pending"
+    assert handler.seen == []
+
+
+@pytest.mark.parametrize("resolver", ["psycopg2_mq", "aiomq"])
+async def test_cursor_successor_runs_once_its_lost_job_is_failed(
+    sync_engine: sa.Engine, source: AsyncMQSource, make_worker: MakeWorker, db: Any, resolver: str
+) -> None:
+    """A lost job blocks its cursor; once someone fails it, the next job on the cursor runs.
+
+    Nothing sends the queue a NOTIFY here (psycopg2_mq's fail_lost_job sends none), so the worker must
+    find the job by itself: "NOTIFY is a hint, never the only path" (DESIGN §1.4). Maintenance runs every
+    second; four seconds is plenty.
+    """
+    orphan = await p2_call(sync_engine, "echo", "hello", {"name": "o"}, cursor_key="c4")
+    await make_running(db, orphan, await unheld_lock_id(db))
+    follower = await p2_call(sync_engine, "echo", "hello", {"name": "f"}, cursor_key="c4")
+    handler = AsyncEcho()
+    async with make_worker({"echo": handler}, timeout=1):
+        assert (await source.wait_for_job(orphan, timeout=4, poll_interval=0.2)).state == "lost"
+        if resolver == "psycopg2_mq":
+            await p2(sync_engine, lambda src, _: src.fail_lost_job(orphan))
+        else:
+            await source.fail_lost_job(orphan)
+        assert (await fetch_job(db, orphan))["state"] == "failed"
+        info = await source.wait_for_job(follower, timeout=4, poll_interval=0.2)
+        assert info.state == "completed"
+    assert [s["id"] for s in handler.seen] == [follower]
 
 
 async def test_each_library_honours_the_others_advisory_lock(
@@ -539,14 +640,23 @@ async def test_each_library_honours_the_others_advisory_lock(
 
         await wait_until(aiomq_running, 5, "aiomq to claim the job")
         lock_id = (await fetch_job(db, queued.id))["lock_id"]
-        assert lock_id == aiomq_worker.get_status()["lock_id"]
+        # Held in the two-key form (classid, objid, objsubid=2) psycopg2_mq's lost-job join looks for.
+        held = await db.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+            "AND classid = $1::int::oid AND objid = $2::int::oid AND objsubid = 2",
+            LOCK_KEY,
+            lock_id,
+        )
+        assert held == 1
         p2_watcher = await p2_workers({"held": EchoQueue()}, name="p2-watcher", timeout=1)
         await asyncio.sleep(2.5)
         row = await fetch_job(db, queued.id)
         assert (row["state"], row["lock_id"]) == ("running", lock_id)
 
         # The aiomq worker's listener connection dies and cannot come back: psycopg2_mq marks its job lost.
-        aiomq_worker.listener_dsn = sa.make_url(pg_server.dsn).set(port=1).render_as_string(hide_password=False)
+        aiomq_worker.listener_dsn = (
+            sa.make_url(pg_server.dsn).set(port=1).render_as_string(hide_password=False)
+        )
         killed = await db.fetchval(
             "SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks l "
             "WHERE l.locktype = 'advisory' AND l.classid = $1::int::oid AND l.objid = $2::int::oid",
@@ -562,9 +672,7 @@ async def test_each_library_honours_the_others_advisory_lock(
         await p2_watcher.stop()
         # The handler finishes after all: the worker that did the work records it (DESIGN §3).
         release.set()
-        await wait_until(
-            lambda: _state_is(db, queued.id, "completed"), 5, "aiomq to record the finished job"
-        )
+        await wait_until(lambda: _state_is(db, queued.id, "completed"), 5, "aiomq to record the finished job")
     row = await fetch_job(db, queued.id)
     assert (row["state"], row["result"], row["lock_id"]) == ("completed", "aiomq done", None)
 
@@ -573,7 +681,7 @@ async def _state_is(db: Any, job_id: int, state: str) -> bool:
     return bool((await fetch_job(db, job_id))["state"] == state)
 
 
-# ---------------------------------------------------------------------------------------------- c) collapse
+# ----------------------------------------------------------------------------------------------- c) collapse
 
 
 async def test_collapse_across_libraries(sync_engine: sa.Engine, source: AsyncMQSource, db: Any) -> None:
@@ -590,7 +698,9 @@ async def test_collapse_across_libraries(sync_engine: sa.Engine, source: AsyncMQ
     # An earlier time from psycopg2_mq moves the shared job earlier.
     earlier = now + datetime.timedelta(minutes=5)
     assert (
-        await p2_call(sync_engine, "echo", "hello", {"n": 3}, cursor_key="k", collapse_on_cursor=True, when=earlier)
+        await p2_call(
+            sync_engine, "echo", "hello", {"n": 3}, cursor_key="k", collapse_on_cursor=True, when=earlier
+        )
         == queued.id
     )
     row = await fetch_job(db, queued.id)
@@ -601,7 +711,7 @@ async def test_collapse_across_libraries(sync_engine: sa.Engine, source: AsyncMQ
     # psycopg2_mq's default (no collapse) adds a job; aiomq's next call still joins the collapsible one.
     separate = await p2_call(sync_engine, "echo", "hello", {"n": 4}, cursor_key="k")
     assert separate != queued.id
-    again = await source.call("echo", "hello", {"n": 5}, cursor_key="k")
+    again = await source.call("echo", "hello", {"n": 5}, cursor_key="k", when=later)
     assert (again.id, again.created) == (queued.id, False)
     assert again.scheduled_time == earlier
 
@@ -641,18 +751,69 @@ async def test_both_workers_share_one_queue(
                 if i % 2:
                     ids.append(await p2_call(sync_engine, "echo", "hello", args, cursor_key=cursor))
                 else:
-                    queued = await source.call("echo", "hello", args, cursor_key=cursor, collapse_on_cursor=False)
+                    queued = await source.call(
+                        "echo", "hello", args, cursor_key=cursor, collapse_on_cursor=False
+                    )
                     ids.append(queued.id)
         for job_id in ids:
             assert (await source.wait_for_job(job_id, timeout=15, poll_interval=0.2)).state == "completed"
 
     runs = p2_handler.seen + aiomq_handler.seen
     assert sorted(r["id"] for r in runs) == sorted(ids)  # every job ran exactly once
-    rows = [await fetch_job(db, job_id) for job_id in ids]
-    assert {r["worker"] for r in rows} <= {"p2-shared", "aiomq-shared"}
+    rows = {job_id: await fetch_job(db, job_id) for job_id in ids}
+    assert {r["worker"] for r in rows.values()} <= {"p2-shared", "aiomq-shared"}
     for cursor in ("s1", "s2"):
-        on_cursor = sorted((r for r in rows if r["cursor_key"] == cursor), key=lambda r: int(r["id"]))
-        # Each job saw the cursor its predecessor saved, whichever library ran either of them.
-        assert await source.get_cursor(cursor) == {"count": 6, "ids": [r["id"] for r in on_cursor]}
-        for before, after in zip(on_cursor, on_cursor[1:], strict=False):
-            assert _iso(before["end_time"]) <= _iso(after["start_time"])
+        mine = sorted(job_id for job_id, r in rows.items() if r["cursor_key"] == cursor)
+        saved = await source.get_cursor(cursor)
+        assert saved is not None
+        # Each job saw the cursor its predecessor saved, whichever library ran either of them: the ids
+        # appended to it are the order the jobs ran in (enqueue order, except where two workers raced for
+        # one cursor, which the reference does not order either).
+        assert saved["count"] == 6
+        assert sorted(saved["ids"]) == mine
+        for position, job_id in enumerate(saved["ids"]):
+            snapshot = rows[job_id]["cursor_snapshot"]
+            if position == 0:
+                assert snapshot is None
+            else:
+                assert snapshot == {"count": position, "ids": saved["ids"][:position]}
+        for before, after in itertools.pairwise(saved["ids"]):
+            assert _iso(rows[before]["end_time"]) <= _iso(rows[after]["start_time"])
+
+
+async def test_cursor_shared_by_queues_that_different_libraries_serve(
+    sync_engine: sa.Engine, source: AsyncMQSource, make_worker: MakeWorker, p2_workers: Any, db: Any
+) -> None:
+    """One cursor, queue ``a`` served by psycopg2_mq and queue ``b`` by aiomq (a migration half done).
+
+    psycopg2_mq sends no hint when its cursor job finishes, so aiomq must find ``b``'s job on its own
+    timer (maintenance every second here); aiomq's finish hints queue ``a`` (DESIGN §2).
+    """
+    release = threading.Event()
+
+    class First:
+        def execute_job(self, job: Any) -> Any:
+            if job.args["n"] == 1:
+                release.wait(10)
+            count_on_cursor(job)
+            return job.args["n"]
+
+    a1 = await p2_call(sync_engine, "a", "step", {"n": 1}, cursor_key="x")
+    b2 = await source.call("b", "step", {"n": 2}, cursor_key="x")
+    a3 = await p2_call(sync_engine, "a", "step", {"n": 3}, cursor_key="x")
+    await p2_workers({"a": First()}, name="p2-a", timeout=5)
+    await wait_until(lambda: _state_is(db, a1, "running"), 5, "psycopg2_mq to start the first job")
+
+    async def second(job: JobContext) -> Any:
+        count_on_cursor(job)
+        return job.args["n"]
+
+    async with make_worker({"b": second}, name="aiomq-b", timeout=1):
+        await asyncio.sleep(1.5)  # aiomq has looked at queue b (its job is blocked by the cursor) and idles
+        assert await _state_is(db, b2.id, "pending")
+        release.set()
+        for job_id in (a1, b2.id, a3):
+            info = await source.wait_for_job(job_id, timeout=4, poll_interval=0.2)
+            assert info.state == "completed"
+    assert await source.get_cursor("x") == {"count": 3, "ids": [a1, b2.id, a3]}
+    assert [(await fetch_job(db, j))["worker"] for j in (a1, b2.id, a3)] == ["p2-a", "aiomq-b", "p2-a"]

@@ -27,7 +27,7 @@ from .pgserver import PgServer
 
 AIOMQ_EXTRA_INDEX = re.compile(r"ix_aiomq_[a-z0-9_]+")
 
-# ---------------------------------------------------------------------------------------------- catalogs
+# -------------------------------------------------------------------------------------------------- catalogs
 
 # Every query is limited to the schema the tables were created in (the connection's current schema).
 _RELATIONS = """
@@ -63,7 +63,8 @@ _TYPES = """
 SELECT t.typname, t.typtype::text
 FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
 WHERE n.nspname = current_schema()
-  AND NOT (t.typtype = 'c' AND EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = t.typrelid AND c.relkind <> 'c'))
+  AND NOT (t.typtype = 'c'
+           AND EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = t.typrelid AND c.relkind <> 'c'))
   AND NOT (t.typcategory = 'A' AND t.typelem <> 0)
 """
 
@@ -190,12 +191,14 @@ def diff(aiomq_schema: Snapshot, reference: Snapshot) -> list[str]:
 
 def aiomq_extras(aiomq_schema: Snapshot, reference: Snapshot) -> dict[str, set[tuple[Any, ...]]]:
     return {
-        category: {row for row in aiomq_schema[category] - reference[category] if _is_aiomq_extra(category, row)}
+        category: {
+            row for row in aiomq_schema[category] - reference[category] if _is_aiomq_extra(category, row)
+        }
         for category in _CATEGORIES
     }
 
 
-# ---------------------------------------------------------------------------------------------- databases
+# ------------------------------------------------------------------------------------------------- databases
 
 
 def _url(dsn: str, database: str, driver: str = "postgresql") -> str:
@@ -272,7 +275,7 @@ EXPECTED_TABLES = {
     "mq_lock",
 }
 
-# ---------------------------------------------------------------------------------------------- tests
+# ----------------------------------------------------------------------------------------------------- tests
 
 
 @pytest.mark.parametrize("states", [JobStates, ShoutingStates], ids=["default-states", "renamed-states"])
@@ -339,7 +342,12 @@ async def test_schema_details_are_the_references(new_database: Callable[[], Awai
     assert active[9] == (
         "((cursor_key IS NOT NULL) AND (state = ANY (ARRAY['running'::mq_job_state, 'lost'::mq_job_state])))"
     )
-    for name in ("ix_mq_job_state", "ix_mq_job_scheduled_time", "ix_mq_job_queue", "ix_mq_job_listener_event"):
+    for name in (
+        "ix_mq_job_state",
+        "ix_mq_job_scheduled_time",
+        "ix_mq_job_queue",
+        "ix_mq_job_listener_event",
+    ):
         assert indexes[name][3] is False
 
     constraints = {row[1]: row for row in schema["constraints"]}
@@ -403,7 +411,8 @@ async def test_comparison_sees_differences(new_database: Callable[[], Awaitable[
         )
         await conn.execute("ALTER TABLE mq_job DROP CONSTRAINT ck_mq_job_lock_id")
         await conn.execute(
-            "ALTER TABLE mq_job ADD CONSTRAINT ck_mq_job_lock_id CHECK (state <> 'running' OR worker IS NOT NULL)"
+            "ALTER TABLE mq_job ADD CONSTRAINT ck_mq_job_lock_id "
+            "CHECK (state <> 'running' OR worker IS NOT NULL)"
         )
         await conn.execute("ALTER SEQUENCE mq_job_schedule_id_seq INCREMENT BY 2")
     finally:
