@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import traceback
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
-__all__ = ["dump_json", "error_result", "safe_object", "scrub_nul"]
+__all__ = ["check_text", "dump_json", "error_result", "safe_object", "scrub_nul"]
 
 
 def dump_json(value: Any, what: str) -> str:
@@ -24,27 +24,47 @@ def dump_json(value: Any, what: str) -> str:
     except RecursionError as ex:
         raise TypeError(f"{what} cannot be stored as JSON: it is nested too deeply") from ex
     # json.dumps escapes every non-ASCII character, so these escapes are the only way they appear.
-    if "\\u0000" in text:
+    if "\\u0000" in text and _has_nul(value):
         raise ValueError(f"{what} contains a NUL character (\\x00), which PostgreSQL jsonb cannot store")
     if "\\ud" in text and _has_lone_surrogate(value):
         raise ValueError(f"{what} contains a lone surrogate, which PostgreSQL jsonb cannot store")
     return text
 
 
-def _has_lone_surrogate(value: Any) -> bool:
+def check_text(value: str, what: str) -> str:
+    """``value`` if PostgreSQL can store it as text, else ``ValueError`` (NUL, lone surrogates)."""
+    if "\x00" in value:
+        raise ValueError(f"{what} contains a NUL character (\\x00), which PostgreSQL cannot store")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} contains a lone surrogate, which PostgreSQL cannot store") from None
+    return value
+
+
+def _strings(value: Any) -> Iterator[str]:
     stack = [value]
     while stack:
         item = stack.pop()
         if isinstance(item, str):
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError:
-                return True
+            yield item
         elif isinstance(item, Mapping):
             stack.extend(item.keys())
             stack.extend(item.values())
         elif isinstance(item, list | tuple):
             stack.extend(item)
+
+
+def _has_nul(value: Any) -> bool:
+    return any("\x00" in item for item in _strings(value))
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    for item in _strings(value):
+        try:
+            item.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
     return False
 
 

@@ -23,7 +23,7 @@ from .model import Model
 from .records import JobInfo, QueuedJob, check_queue_name, to_naive_utc, utcnow
 from .retry import sqlstate
 from .schedules import check_rrule, next_rrule_time
-from .serialize import dump_json
+from .serialize import check_text, dump_json
 from .waiters import wait_for_job
 
 __all__ = ["AsyncMQSource"]
@@ -143,6 +143,7 @@ class AsyncMQSource:
         listener_ids: Iterable[int] | None = None,
     ) -> QueuedJob:
         """Enqueue a job, or join the pending collapsible job on its cursor (then ``created`` is False)."""
+        schedule_ids, listener_ids = _ids(schedule_ids), _ids(listener_ids)
         params = self._call_params(  # validates everything before any SQL
             queue,
             method,
@@ -170,6 +171,7 @@ class AsyncMQSource:
         self, session: AsyncSession, queue: str, method: str, args: Any, **kw: Any
     ) -> QueuedJob:
         """``call`` inside an already open session (schedules and listeners)."""
+        kw["schedule_ids"], kw["listener_ids"] = _ids(kw.get("schedule_ids")), _ids(kw.get("listener_ids"))
         params = self._call_params(queue, method, args, **kw)
         return await self._enqueue(
             session,
@@ -724,14 +726,22 @@ class AsyncMQSource:
         return row
 
 
+def _ids(ids: Iterable[int] | None) -> list[int] | None:
+    """Provenance ids as a sorted list: they are read more than once (trace, links)."""
+    return None if ids is None else sorted({int(i) for i in ids})
+
+
 def _check_method(method: object) -> None:
     if not isinstance(method, str) or not method:
         raise ValueError(f"method must be a non-empty string, got {method!r}")
+    check_text(method, "method")
 
 
 def _collapse(collapse_on_cursor: bool | None, cursor_key: str | None) -> bool:
-    if cursor_key is not None and not isinstance(cursor_key, str):
-        raise TypeError(f"cursor_key must be a string, got {type(cursor_key).__name__}")
+    if cursor_key is not None:
+        if not isinstance(cursor_key, str):
+            raise TypeError(f"cursor_key must be a string, got {type(cursor_key).__name__}")
+        check_text(cursor_key, "cursor_key")
     if collapse_on_cursor is None:
         return cursor_key is not None
     if collapse_on_cursor and cursor_key is None:

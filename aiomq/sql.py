@@ -220,7 +220,7 @@ class Statements:
                 start_time=None,
                 end_time=None,
                 worker=None,
-                cursor_snapshot=None,
+                cursor_snapshot=sa.null(),  # SQL NULL, as for a job never claimed (None would be JSON null)
                 collapsible=sa.case((slot_taken, sa.false()), else_=job.c.collapsible),
             )
             .returning(job.c.id)

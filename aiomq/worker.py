@@ -174,7 +174,13 @@ class AsyncMQWorker:
         """Shut down gracefully and wait. After ``timeout`` seconds, cancel handlers still running."""
         self.shutdown_gracefully()
         stopped = self._stopped
+        if not self._running and self._run_task is None:
+            self._stopping = False  # nothing was running: nothing to stop
+            return
         if stopped is None or not self._running:
+            task, self._run_task = self._run_task, None
+            if task is not None and task is not asyncio.current_task():
+                await task  # started but not yet running: it sees the flag and returns at once
             return
         if timeout is not None:
             try:
@@ -241,7 +247,6 @@ class AsyncMQWorker:
         if self._running:
             raise RuntimeError("this worker is already running")
         self._running = True
-        self._stopping = False
         self._loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
         self._stopped = asyncio.Event()
@@ -271,6 +276,7 @@ class AsyncMQWorker:
                 if restore is not None:
                     restore()
                 self._running = False
+                self._stopping = False  # a stopped worker may run again
                 self._listening = None
                 self._stopped.set()
 
@@ -446,15 +452,21 @@ class AsyncMQWorker:
 
         await self._with_retries("schema check", check)
 
-    async def _with_retries(self, what: str, op: Callable[[AsyncConnection], Any]) -> Any:
-        """Run ``op`` in a transaction, retried on retryable errors per ``retry_intervals``."""
+    async def _with_retries(
+        self, what: str, op: Callable[[AsyncConnection], Any], *, while_stopping: bool = False
+    ) -> Any:
+        """Run ``op`` in a transaction, retried on retryable errors per ``retry_intervals``.
+
+        Retries stop at shutdown unless ``while_stopping``: shutdown's own writes must still land.
+        """
         attempts = len(self.retry_intervals)
         for attempt in range(attempts):
             try:
                 async with self.engine.begin() as conn:
                     return await op(conn)
             except Exception as ex:
-                if attempt + 1 >= attempts or not self.is_retryable_error(ex) or self._stopping:
+                gave_up = self._stopping and not while_stopping
+                if attempt + 1 >= attempts or not self.is_retryable_error(ex) or gave_up:
                     raise
                 delay = self._backoff(attempt)
                 log.info("%s failed (%s); retry %d in %.1fs", what, ex, attempt + 1, delay)
@@ -795,7 +807,7 @@ class AsyncMQWorker:
             return row
 
         try:
-            await self._with_retries("abandon job", op)
+            await self._with_retries("abandon job", op, while_stopping=True)
         except Exception:
             log.exception("could not release job %s after cancelling its handler", job.id)
             return
@@ -814,11 +826,15 @@ class AsyncMQWorker:
         if self._tasks:
             await asyncio.wait(list(self._tasks.values()))
         listener, self._listener = self._listener, None
-        if listener is not None and self._lock_id is not None and listener.alive:
+        lock_id = self._lock_id
+        if listener is not None and lock_id is not None and listener.alive:
+
+            async def release(conn: AsyncConnection) -> None:
+                await conn.execute(self._st.release_my_locks, {"lock_id": lock_id})
+
             try:
-                async with self.engine.begin() as conn:
-                    await conn.execute(self._st.release_my_locks, {"lock_id": self._lock_id})
-            except Exception as ex:
+                await self._with_retries("release locks", release, while_stopping=True)
+            except Exception as ex:  # they go stale with our advisory lock; any maintenance deletes them
                 log.warning("could not release the locks of worker %s: %s", self.name, ex)
         if listener is not None:
             await listener.close()

@@ -6,6 +6,8 @@ import asyncio
 import datetime
 import os
 import pathlib
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -37,17 +39,22 @@ async def _admin(dsn: str) -> Any:
 
 
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServer]:
+def pg_server() -> Iterator[PgServer]:
+    # Not under pytest's basetemp: pytest prunes old basetemps, also those of a concurrent session.
+    data_dir = pathlib.Path(tempfile.mkdtemp(prefix="aiomq-test-pg-"))
     try:
-        server = start_pg_server(pathlib.Path(tmp_path_factory.mktemp("pg")))
-    except PgUnavailable as ex:
-        if os.environ.get("CI"):
-            pytest.fail(f"no PostgreSQL for the tests: {ex}")
-        pytest.skip(f"no PostgreSQL for the tests: {ex}")
-    try:
-        yield server
+        try:
+            server = start_pg_server(data_dir)
+        except PgUnavailable as ex:
+            if os.environ.get("CI"):
+                pytest.fail(f"no PostgreSQL for the tests: {ex}")
+            pytest.skip(f"no PostgreSQL for the tests: {ex}")
+        try:
+            yield server
+        finally:
+            server.stop()
     finally:
-        server.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -19,18 +19,20 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
 from aiomq import AsyncMQSource, AsyncMQWorker, JobContext, SchemaMissingError
 from aiomq.model import Model
 
 from .conftest import asyncpg_url
+from .pgserver import PgServer
 
 MakeWorker = Callable[..., AsyncMQWorker]
 
@@ -202,6 +204,11 @@ def lock_id_of(worker: AsyncMQWorker) -> int:
     return lock_id
 
 
+async def hold(event: asyncio.Event) -> None:
+    """Block a handler until the test sets ``event``; bounded, so a failing test cannot hang in teardown."""
+    await asyncio.wait_for(event.wait(), 10)
+
+
 async def echo(job: JobContext) -> Any:
     return {"method": job.method, "args": job.args}
 
@@ -256,7 +263,7 @@ async def test_run_task_and_shutdown_gracefully_returns_normally(
     worker.shutdown_gracefully()
     worker.shutdown_gracefully()  # idempotent
     # timeout=60: if the wake-up were lost, run() would sleep a whole minute
-    assert await asyncio.wait_for(task, 3) is None
+    await asyncio.wait_for(task, 3)  # re-raises what run() raised
     assert worker.get_status()["running"] is False
     worker.shutdown_gracefully()  # still harmless once stopped
     await worker.stop()
@@ -284,13 +291,11 @@ async def test_shutdown_gracefully_from_another_thread(
     await asyncio.to_thread(thread.join, 5)
     assert not thread.is_alive()
     assert errors == []
-    assert await asyncio.wait_for(task, 3) is None
+    await asyncio.wait_for(task, 3)  # re-raises what run() raised
     assert worker.get_status()["running"] is False
 
 
-async def test_shutdown_releases_mq_lock_rows_and_advisory_lock(
-    make_worker: MakeWorker, db: Any
-) -> None:
+async def test_shutdown_releases_mq_lock_rows_and_advisory_lock(make_worker: MakeWorker, db: Any) -> None:
     worker = make_worker({"q": echo}, name="w-locks", timeout=60)
     task = await start(worker)
     lock_id = lock_id_of(worker)
@@ -325,7 +330,7 @@ async def test_graceful_shutdown_finishes_in_flight_and_claims_nothing_new(
     sync_release = threading.Event()
 
     async def async_handler(job: JobContext) -> str:
-        await release.wait()
+        await hold(release)
         return "async done"
 
     def sync_handler(job: JobContext) -> str:
@@ -357,7 +362,7 @@ async def test_graceful_shutdown_finishes_in_flight_and_claims_nothing_new(
         assert (await job_row(db, waiting.id))["state"] == "pending"
         assert not task.done()
         sync_release.set()
-        assert await asyncio.wait_for(task, 5) is None
+        await asyncio.wait_for(task, 5)  # re-raises what run() raised
     finally:
         release.set()
         sync_release.set()
@@ -409,7 +414,7 @@ async def test_stop_timeout_cancels_async_handler_and_requeues_its_job(
     await w1.stop(timeout=0.3)
     assert loop.time() - t0 < 2.5
     assert cancelled.is_set()
-    assert await asyncio.wait_for(task, 2) is None  # run() returns normally after cancelling handlers
+    await asyncio.wait_for(task, 2)  # run() returns normally after cancelling handlers
 
     row = await job_row(db, job.id)
     assert row["state"] == "pending"
@@ -460,7 +465,7 @@ async def test_stop_timeout_marks_uninterruptible_sync_handler_lost(
         t0 = loop.time()
         await worker.stop(timeout=0.3)
         assert loop.time() - t0 < 1.5, "stop() waited for the sync handler"
-        assert await asyncio.wait_for(task, 2) is None
+        await asyncio.wait_for(task, 2)  # re-raises what run() raised
         row = await job_row(db, job.id)
         assert row["state"] == "lost"
         assert row["end_time"] is not None
@@ -478,7 +483,7 @@ async def test_stop_timeout_marks_uninterruptible_sync_handler_lost(
     assert row["result"] is None
 
 
-# ---------------------------------------------------------------------------------------------- run_until_idle
+# ------------------------------------------------------------------------------------------- run_until_idle
 
 
 async def test_run_until_idle_connects_maintains_drains_and_returns(
@@ -498,7 +503,7 @@ async def test_run_until_idle_connects_maintains_drains_and_returns(
     worker = make_worker({"q": handler}, timeout=60)
     loop = asyncio.get_running_loop()
     t0 = loop.time()
-    assert await asyncio.wait_for(worker.run_until_idle(), 10) is None
+    await asyncio.wait_for(worker.run_until_idle(), 10)
     assert loop.time() - t0 < 5
 
     row = await job_row(db, orphan)
@@ -528,7 +533,7 @@ async def test_run_until_idle_raises_while_run_is_active(
     job = await source.call("q", "m")
     await wait_state(db, job.id, "completed")
     worker.shutdown_gracefully()
-    assert await asyncio.wait_for(task, 3) is None
+    await asyncio.wait_for(task, 3)  # re-raises what run() raised
 
 
 # ---------------------------------------------------------------------------------------------- get_status
@@ -542,7 +547,7 @@ async def test_get_status_reports_active_jobs(
 
     async def handler(job: JobContext) -> None:
         entered.set()
-        await release.wait()
+        await hold(release)
 
     worker = make_worker({"q": handler, "r": handler}, name="status-worker", concurrency=3, timeout=60)
     status = worker.get_status()
@@ -627,7 +632,7 @@ async def test_listener_rotation_restamps_running_job(
 
     async def handler(job: JobContext) -> str:
         if job.method == "block":
-            await release.wait()
+            await hold(release)
         return job.method
 
     worker = make_worker({"q": handler}, timeout=1)
@@ -663,28 +668,29 @@ async def test_listener_rotation_restamps_running_job(
 
 
 async def test_listener_rotation_recovers_job_marked_lost_meanwhile(
-    make_worker: MakeWorker, source: AsyncMQSource, db: Any
+    make_worker: MakeWorker, source: AsyncMQSource, db: Any, pg_server: PgServer
 ) -> None:
     """While the listener is down another worker marks the job lost; the reconnect makes it running again."""
     release = asyncio.Event()
 
     async def handler(job: JobContext) -> str:
-        await release.wait()
+        await hold(release)
         return "survived"
 
     async def never(job: JobContext) -> str:  # pragma: no cover - w2 runs maintenance only
         return "stolen"
 
     dbname = await db.fetchval("SELECT current_database()")
+    admin = await asyncpg.connect(pg_server.dsn)  # ALTER DATABASE must run from another database
     w1 = make_worker({"q": handler}, name="w1", timeout=60)
-    async with w1:
-        job = await source.call("q", "m")
-        await wait_state(db, job.id, "running")
-        old = lock_id_of(w1)
-        w2 = make_worker({"q": never}, name="w2", timeout=0.3)
-        async with w2:
-            # keep w1 from reconnecting (existing connections stay) while w2's maintenance sees its lock gone
-            await db.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
+    w2 = make_worker({"q": never}, name="w2", timeout=0.3)
+    try:
+        async with w1, w2:
+            job = await source.call("q", "m")
+            await wait_state(db, job.id, "running")
+            old = lock_id_of(w1)
+            # keep w1 from reconnecting (open connections stay) while w2's maintenance sees its lock gone
+            await admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
             try:
                 w1_listener = [
                     r["pid"]
@@ -702,7 +708,7 @@ async def test_listener_rotation_recovers_job_marked_lost_meanwhile(
                 assert w1.get_status()["lock_id"] in (None, old)
                 assert (await job_row(db, job.id))["state"] == "lost"
             finally:
-                await db.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
+                await admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
 
             def rotated() -> bool:
                 status = w1.get_status()
@@ -721,6 +727,9 @@ async def test_listener_rotation_recovers_job_marked_lost_meanwhile(
             assert (await job_row(db, job.id))["state"] == "running"
             release.set()
             row = await wait_state(db, job.id, "completed")
+    finally:
+        release.set()
+        await admin.close()
     assert loads(row["result"]) == "survived"
     assert row["worker"] == "w1"
 
@@ -769,7 +778,7 @@ async def test_terminated_pool_connections_during_a_job(
 
     async def handler(job: JobContext) -> str:
         if job.method == "block":
-            await release.wait()
+            await hold(release)
         return job.method
 
     worker = make_worker({"q": handler}, timeout=60)
@@ -787,6 +796,48 @@ async def test_terminated_pool_connections_during_a_job(
     assert _worker_db_errors(caplog), [r.getMessage() for r in caplog.records]
 
 
+async def test_shutdown_releases_locks_after_pool_connections_died(
+    make_worker: MakeWorker, source: AsyncMQSource, db: Any
+) -> None:
+    """The teardown DELETE of this worker's mq_lock rows meets a dead pooled connection: it is retried."""
+    worker = make_worker({"q": echo}, name="w-dead-pool", timeout=60)
+    task = await start(worker)
+    lock_id = lock_id_of(worker)
+    job = await source.call("q", "m")
+    await wait_state(db, job.id, "completed")
+    await asyncio.sleep(0.2)  # start-up maintenance and the finish are over: the pool is idle
+    await db.execute(
+        "INSERT INTO mq_lock (ns, key, lock_id, worker) VALUES ('aiomq-test', 'mine', $1, 'w-dead-pool')",
+        lock_id,
+    )
+    pids = await pool_pids(db)
+    assert pids
+    await terminate(db, pids)
+    worker.shutdown_gracefully()
+    await asyncio.wait_for(task, 5)  # re-raises what run() raised
+    rows = await db.fetch("SELECT ns, key FROM mq_lock WHERE lock_id = $1", lock_id)
+    assert [(r["ns"], r["key"]) for r in rows] == []
+
+
+async def test_stop_timeout_requeue_survives_dead_pool_connections(
+    make_worker: MakeWorker, source: AsyncMQSource, db: Any
+) -> None:
+    """Putting a cancelled job back to pending is a database write like any other: retried."""
+
+    async def stuck(job: JobContext) -> None:
+        await asyncio.sleep(30)
+
+    worker = make_worker({"q": stuck}, timeout=60)
+    task = await start(worker)
+    job = await source.call("q", "m")
+    await wait_state(db, job.id, "running")
+    await terminate(db, await pool_pids(db))
+    await worker.stop(timeout=0.3)
+    await asyncio.wait_for(task, 2)  # re-raises what run() raised
+    row = await job_row(db, job.id)
+    assert (row["state"], row["lock_id"], row["worker"]) == ("pending", None, None)
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 
@@ -802,13 +853,8 @@ def test_sync_engine_is_rejected(url: str, model: Model) -> None:
         engine.dispose()
 
 
-@pytest.mark.parametrize(
-    ("module", "url"),
-    [("aiosqlite", "sqlite+aiosqlite://"), ("psycopg", "postgresql+psycopg://u@localhost/x")],
-)
-async def test_async_engine_without_asyncpg_is_rejected(module: str, url: str, model: Model) -> None:
-    pytest.importorskip(module)
-    engine = create_async_engine(url)
+async def test_async_engine_without_asyncpg_is_rejected(model: Model) -> None:
+    engine = create_async_engine("sqlite+aiosqlite://")
     try:
         with pytest.raises(ValueError, match="asyncpg"):
             AsyncMQWorker(engine=engine, queues={"q": echo}, model=model)
@@ -816,21 +862,38 @@ async def test_async_engine_without_asyncpg_is_rejected(module: str, url: str, m
         await engine.dispose()
 
 
-@pytest.mark.parametrize("queue", ["bad-name", "1queue", "", "has space", "x" * 61, "mq.finished", "naïve", 7])
-def test_invalid_queue_names_are_rejected(queue: Any, make_worker: MakeWorker) -> None:
-    with pytest.raises(ValueError, match="queue"):
-        make_worker({queue: echo})
+@pytest.fixture
+async def offline_engine() -> AsyncIterator[AsyncEngine]:
+    """An asyncpg engine whose server does not exist: validation must happen before any connection."""
+    engine = create_async_engine("postgresql+asyncpg://nobody@127.0.0.1:9/nowhere")
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
 
 
-def test_constructor_validation(make_worker: MakeWorker) -> None:
+@pytest.mark.parametrize(
+    "queue", ["bad-name", "1queue", "", "has space", "x" * 61, "mq.finished", "naïve", 7]
+)
+async def test_invalid_queue_names_are_rejected(
+    queue: Any, offline_engine: AsyncEngine, model: Model
+) -> None:
     with pytest.raises(ValueError, match="queue"):
-        make_worker({})
+        AsyncMQWorker(engine=offline_engine, queues={queue: echo}, model=model)
+
+
+async def test_constructor_validation(offline_engine: AsyncEngine, model: Model) -> None:
+    def make(queues: dict[Any, Any], **kw: Any) -> AsyncMQWorker:
+        return AsyncMQWorker(engine=offline_engine, queues=queues, model=model, **kw)
+
+    with pytest.raises(ValueError, match="queue"):
+        make({})
     for concurrency in (0, -1):
         with pytest.raises(ValueError, match="concurrency"):
-            make_worker({"q": echo}, concurrency=concurrency)
+            make({"q": echo}, concurrency=concurrency)
     for handler in (object(), 42, "q"):
         with pytest.raises(TypeError):
-            make_worker({"q": handler})
+            make({"q": handler})
 
     class WithExecuteJob:
         def execute_job(self, job: JobContext) -> None:
@@ -839,7 +902,7 @@ def test_constructor_validation(make_worker: MakeWorker) -> None:
     def plain(job: JobContext) -> None:
         return None
 
-    worker = make_worker({"x" * 60: WithExecuteJob(), "Mixed_Case_1": plain, "_a": echo})
+    worker = make({"x" * 60: WithExecuteJob(), "Mixed_Case_1": plain, "_a": echo})
     assert worker.get_status()["running"] is False
 
 
@@ -926,7 +989,7 @@ async def test_malformed_notifications_are_logged_and_ignored(
 
 
 async def test_a_burst_of_hints_is_all_honoured(
-    make_worker: MakeWorker, engine: Any, model: Model, db: Any
+    make_worker: MakeWorker, engine: AsyncEngine, model: Model, db: Any
 ) -> None:
     ran: list[int] = []
 

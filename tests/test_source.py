@@ -13,6 +13,7 @@ import datetime
 import decimal
 import json
 import math
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -67,8 +68,10 @@ async def update_job(db: Any, job_id: int, **columns: Any) -> None:
     await db.execute(f"UPDATE mq_job SET {sets} WHERE id = $1", job_id, *columns.values())
 
 
-async def put_in_state(db: Any, job_id: int, state: str, *, end_time: datetime.datetime | None = None) -> None:
-    """As a worker would leave it: running jobs hold a lock_id (ck_mq_job_lock_id), finished ones an end_time."""
+async def put_in_state(
+    db: Any, job_id: int, state: str, *, end_time: datetime.datetime | None = None
+) -> None:
+    """As a worker would leave it: running jobs hold a lock_id (ck_mq_job_lock_id), ended ones an end_time."""
     await update_job(
         db,
         job_id,
@@ -153,21 +156,41 @@ def session_source(session: AsyncSession, model: Model) -> AsyncMQSource:
     return AsyncMQSource(dbsession=session, model=model)
 
 
-async def assert_rejected(
+async def check_rejections(
     session: AsyncSession,
     session_source: AsyncMQSource,
     db: Any,
     exc: type[Exception],
-    match: str,
-    call: Callable[[], Awaitable[Any]],
+    match: str | None,
+    cases: dict[str, Callable[[], Awaitable[Any]]],
 ) -> None:
-    """``call`` raises ``exc``; nothing is written and the caller's transaction is still usable."""
-    with pytest.raises(exc, match=match):
-        await call()
-    ok = await session_source.call("ok", "ok", {"still": "usable"})
-    await session.commit()
-    assert await job_ids(db) == [ok.id]
-    assert (await job_row(db, ok.id))["args"] == {"still": "usable"}
+    """Each case raises ``exc`` (its message matching ``match``, or naming the case's label when None),
+    writes nothing, and leaves the caller's transaction usable: another call in it commits. Every case is
+    tried; all problems are reported together."""
+    problems: list[str] = []
+    committed: list[int] = []
+    for label, call in cases.items():
+        try:
+            await call()
+        except exc as ex:
+            pattern = re.escape(label) if match is None else match
+            if not re.search(pattern, str(ex)):
+                problems.append(f"{label}: {ex!r} does not mention {pattern!r}")
+        except Exception as ex:
+            problems.append(f"{label}: raised {ex!r}, expected {exc.__name__}")
+        else:
+            problems.append(f"{label}: did not raise")
+            await session.rollback()
+        try:
+            ok = await session_source.call("ok", "ok", {"after": label})
+            await session.commit()
+            committed.append(ok.id)
+        except Exception as ex:
+            problems.append(f"{label}: the caller's transaction is unusable afterwards: {ex!r}")
+            await session.rollback()
+    assert not problems, "\n".join(problems)
+    assert await job_ids(db) == committed
+    assert [r["method"] for r in await db.fetch("SELECT method FROM mq_job")] == ["ok"] * len(cases)
     assert await db.fetchval("SELECT count(*) FROM mq_job_schedule_link") == 0
     assert await db.fetchval("SELECT count(*) FROM mq_job_listener_link") == 0
 
@@ -312,7 +335,9 @@ async def test_dbsession_source_never_commits_state_changes(
     assert retried.id not in await job_ids(db)
 
 
-async def test_engine_source_commits_each_method(source: AsyncMQSource, db: Any, notes: Notifications) -> None:
+async def test_engine_source_commits_each_method(
+    source: AsyncMQSource, db: Any, notes: Notifications
+) -> None:
     queued = await source.call("q", "m")
     await notes.settle()
     assert await job_ids(db) == [queued.id]
@@ -359,7 +384,9 @@ async def test_when_aware_datetime_is_converted_to_utc(
     assert notes.payloads("mq_q") == [{"j": queued.id, "t": int(when.timestamp())}]
 
 
-async def test_when_timedelta_is_relative_to_now(source: AsyncMQSource, db: Any, notes: Notifications) -> None:
+async def test_when_timedelta_is_relative_to_now(
+    source: AsyncMQSource, db: Any, notes: Notifications
+) -> None:
     later = await source.call("q", "m", when=datetime.timedelta(minutes=10), now=T0)
     earlier = await source.call("q", "m", when=datetime.timedelta(seconds=-30), now=T0)
     before = utcnow()
@@ -377,21 +404,19 @@ async def test_when_timedelta_is_relative_to_now(source: AsyncMQSource, db: Any,
     assert notes.payloads("mq_q")[0] == {"j": later.id, "t": epoch(T0 + datetime.timedelta(minutes=10))}
 
 
-@pytest.mark.parametrize(
-    "when",
-    ["2030-05-17T12:00:00", 1_900_000_000, 1.5, datetime.date(2030, 5, 17), datetime.time(12, 0), [T0]],
-    ids=["str", "int", "float", "date", "time", "list"],
-)
 async def test_when_of_a_bad_type_is_a_type_error(
-    session: AsyncSession,
-    session_source: AsyncMQSource,
-    db: Any,
-    notes: Notifications,
-    when: Any,
+    session: AsyncSession, session_source: AsyncMQSource, db: Any, notes: Notifications
 ) -> None:
-    await assert_rejected(
-        session, session_source, db, TypeError, "when", lambda: session_source.call("q", "m", when=when)
-    )
+    bad: dict[str, Any] = {
+        "str": "2030-05-17T12:00:00",
+        "int": 1_900_000_000,
+        "float": 1.5,
+        "date": datetime.date(2030, 5, 17),
+        "time": datetime.time(12, 0),
+        "list": [T0],
+    }
+    cases = {label: _call_with(session_source, "q", "m", when=when) for label, when in bad.items()}
+    await check_rejections(session, session_source, db, TypeError, "when", cases)
     await notes.settle()
     assert notes.payloads("mq_q") == []
 
@@ -431,19 +456,19 @@ async def test_collapse_with_an_earlier_when_moves_the_job_and_notifies(
     assert notes.payloads("mq_q") == [{"j": first.id, "t": epoch(at_60)}, {"j": first.id, "t": epoch(at_30)}]
 
 
-@pytest.mark.parametrize("delta", [0, 1, 3600], ids=["equal", "later", "much-later"])
 async def test_collapse_with_a_later_or_equal_when_changes_nothing(
-    source: AsyncMQSource, db: Any, notes: Notifications, delta: int
+    source: AsyncMQSource, db: Any, notes: Notifications
 ) -> None:
     first = await source.call("q", "m", cursor_key="c", when=T0, now=T0)
     await notes.settle()
     before = await job_row(db, first.id)
-    joined = await source.call(
-        "q", "m", cursor_key="c", when=T0 + datetime.timedelta(seconds=delta), now=T0
-    )
+    for delta in (0, 1, 3600):
+        joined = await source.call(
+            "q", "m", cursor_key="c", when=T0 + datetime.timedelta(seconds=delta), now=T0
+        )
+        assert joined == QueuedJob(first.id, "q", "m", "c", T0, created=False), delta
     await notes.settle()
 
-    assert joined == QueuedJob(first.id, "q", "m", "c", T0, created=False)
     assert await job_row(db, first.id) == before
     assert notes.payloads("mq_q") == [{"j": first.id, "t": epoch(T0)}]
 
@@ -495,18 +520,19 @@ async def test_collapsible_call_does_not_join_a_collapsible_call_without_the_fla
     assert plain.id != collapsible.id
 
 
-@pytest.mark.parametrize("state", ["running", "lost", "completed", "failed", "canceled"])
-async def test_collapse_only_joins_a_pending_job(source: AsyncMQSource, db: Any, state: str) -> None:
-    first = await source.call("q", "m", {"n": 1}, cursor_key="c")
-    await put_in_state(db, first.id, state)
-    second = await source.call("q", "m", {"n": 2}, cursor_key="c")
-    third = await source.call("q", "m", {"n": 3}, cursor_key="c")
+async def test_collapse_only_joins_a_pending_job(source: AsyncMQSource, db: Any) -> None:
+    for state in ["running", "lost", "completed", "failed", "canceled"]:
+        cursor = f"c-{state}"
+        first = await source.call("q", "m", {"n": 1}, cursor_key=cursor)
+        await put_in_state(db, first.id, state)
+        second = await source.call("q", "m", {"n": 2}, cursor_key=cursor)
+        third = await source.call("q", "m", {"n": 3}, cursor_key=cursor)
 
-    assert second.created is True
-    assert second.id != first.id
-    assert (third.id, third.created) == (second.id, False)
-    assert (await job_row(db, second.id))["args"] == {"n": 2}
-    assert (await job_row(db, first.id))["state"] == state
+        assert second.created is True, state
+        assert second.id != first.id, state
+        assert (third.id, third.created) == (second.id, False), state
+        assert (await job_row(db, second.id))["args"] == {"n": 2}, state
+        assert (await job_row(db, first.id))["state"] == state
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
@@ -584,9 +610,7 @@ async def test_conflict_resolver_in_a_dbsession_is_committed_with_the_caller(
     assert (await job_row(db, first.id))["args"] == {"resolved": True}
 
 
-async def test_schedule_and_listener_ids_merge_into_trace_and_links(
-    source: AsyncMQSource, db: Any
-) -> None:
+async def test_schedule_and_listener_ids_merge_into_trace_and_links(source: AsyncMQSource, db: Any) -> None:
     s1, s2, s3 = [await insert_schedule(db) for _ in range(3)]
     l1, l2 = [await insert_listener(db) for _ in range(2)]
 
@@ -632,9 +656,7 @@ async def test_schedule_and_listener_ids_given_as_generators(source: AsyncMQSour
     """``schedule_ids``/``listener_ids`` are typed ``Iterable[int]``: a one-shot iterator must work too."""
     s1 = await insert_schedule(db)
     l1 = await insert_listener(db)
-    queued = await source.call(
-        "q", "m", schedule_ids=(s for s in [s1]), listener_ids=(lid for lid in [l1])
-    )
+    queued = await source.call("q", "m", schedule_ids=(s for s in [s1]), listener_ids=(lid for lid in [l1]))
 
     assert (await job_row(db, queued.id))["trace"] == {"mq_schedule_ids": [s1], "mq_listener_ids": [l1]}
     assert await db.fetchval("SELECT count(*) FROM mq_job_schedule_link WHERE job_id = $1", queued.id) == 1
@@ -646,7 +668,8 @@ async def test_schedule_and_listener_ids_given_as_generators(source: AsyncMQSour
 
 async def _waiting_on_a_lock(db: Any) -> bool:
     n: int = await db.fetchval(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
     )
     return n > 0
 
@@ -727,186 +750,144 @@ class _Opaque:
     pass
 
 
-NOT_JSON: list[Any] = [
-    {1, 2},
-    b"bytes",
-    datetime.datetime(2030, 1, 1),
-    decimal.Decimal("1.5"),
-    math.nan,
-    math.inf,
-    -math.inf,
-    _Opaque(),
-    {"nested": [{"deep": {1}}]},
-    {(1, 2): "tuple key"},
-]
-NOT_JSON_IDS = [
-    "set",
-    "bytes",
-    "datetime",
-    "decimal",
-    "nan",
-    "inf",
-    "-inf",
-    "object",
-    "nested-set",
-    "tuple-key",
-]
-NOT_JSONB_STRINGS: list[Any] = [
-    "a\x00b",
-    {"k": "a\x00b"},
-    {"a\x00": 1},
-    ["x", ["\x00"]],
-    "\ud800",
-    {"k": "x\udfff"},
-    {"\udc80": 1},
-    [{"k": ["\ud83d"]}],
-]
-NOT_JSONB_IDS = [
-    "nul",
-    "nul-value",
-    "nul-key",
-    "nul-nested",
-    "surrogate",
-    "surrogate-value",
-    "surrogate-key",
-    "surrogate-nested",
-]
+NOT_JSON: dict[str, Any] = {
+    "set": {1, 2},
+    "bytes": b"bytes",
+    "datetime": datetime.datetime(2030, 1, 1),
+    "decimal": decimal.Decimal("1.5"),
+    "nan": math.nan,
+    "inf": math.inf,
+    "-inf": -math.inf,
+    "object": _Opaque(),
+    "nested-set": {"nested": [{"deep": {1}}]},
+    "tuple-key": {(1, 2): "tuple key"},
+}
+NOT_JSONB_STRINGS: dict[str, Any] = {
+    "nul": "a\x00b",
+    "nul-value": {"k": "a\x00b"},
+    "nul-key": {"a\x00": 1},
+    "nul-nested": ["x", ["\x00"]],
+    "surrogate": "\ud800",
+    "surrogate-value": {"k": "x\udfff"},
+    "surrogate-key": {"\udc80": 1},
+    "surrogate-nested": [{"k": ["\ud83d"]}],
+}
 
 
-@pytest.mark.parametrize("value", NOT_JSON, ids=NOT_JSON_IDS)
+def _call_with(src: AsyncMQSource, *args: Any, **kwargs: Any) -> Callable[[], Awaitable[Any]]:
+    return lambda: src.call(*args, **kwargs)
+
+
 async def test_args_not_json_is_a_type_error(
-    session: AsyncSession, session_source: AsyncMQSource, db: Any, value: Any
+    session: AsyncSession, session_source: AsyncMQSource, db: Any
 ) -> None:
-    await assert_rejected(
-        session, session_source, db, TypeError, "args", lambda: session_source.call("q", "m", value)
-    )
+    cases = {label: _call_with(session_source, "q", "m", value) for label, value in NOT_JSON.items()}
+    await check_rejections(session, session_source, db, TypeError, "args", cases)
 
 
-@pytest.mark.parametrize("value", NOT_JSON, ids=NOT_JSON_IDS)
 async def test_trace_not_json_is_a_type_error(
-    session: AsyncSession, session_source: AsyncMQSource, db: Any, value: Any
+    session: AsyncSession, session_source: AsyncMQSource, db: Any
 ) -> None:
-    await assert_rejected(
-        session, session_source, db, TypeError, "trace", lambda: session_source.call("q", "m", trace=value)
-    )
+    cases = {label: _call_with(session_source, "q", "m", trace=value) for label, value in NOT_JSON.items()}
+    await check_rejections(session, session_source, db, TypeError, "trace", cases)
 
 
-@pytest.mark.parametrize("value", NOT_JSONB_STRINGS, ids=NOT_JSONB_IDS)
 async def test_args_with_strings_jsonb_cannot_hold_is_a_value_error(
-    session: AsyncSession, session_source: AsyncMQSource, db: Any, value: Any
+    session: AsyncSession, session_source: AsyncMQSource, db: Any
 ) -> None:
-    await assert_rejected(
-        session, session_source, db, ValueError, "args", lambda: session_source.call("q", "m", value)
-    )
+    cases = {label: _call_with(session_source, "q", "m", v) for label, v in NOT_JSONB_STRINGS.items()}
+    await check_rejections(session, session_source, db, ValueError, "args", cases)
 
 
-@pytest.mark.parametrize("value", NOT_JSONB_STRINGS, ids=NOT_JSONB_IDS)
 async def test_trace_with_strings_jsonb_cannot_hold_is_a_value_error(
-    session: AsyncSession, session_source: AsyncMQSource, db: Any, value: Any
+    session: AsyncSession, session_source: AsyncMQSource, db: Any
 ) -> None:
-    await assert_rejected(
-        session, session_source, db, ValueError, "trace", lambda: session_source.call("q", "m", trace=value)
-    )
+    cases = {label: _call_with(session_source, "q", "m", trace=v) for label, v in NOT_JSONB_STRINGS.items()}
+    await check_rejections(session, session_source, db, ValueError, "trace", cases)
 
 
-async def test_json_accepts_unicode_and_escaped_lookalikes(source: AsyncMQSource, db: Any) -> None:
-    """No false alarms: real non-BMP characters, and text that merely *looks* like an escape."""
-    args = {"emoji": "\U0001f600", "text": "\\u0000 and \\ud800", "ü": "ß"}
-    queued = await source.call("q", "m", args, trace={"k": "\\ud83d"})
+async def test_json_accepts_non_bmp_text_and_surrogate_lookalikes(source: AsyncMQSource, db: Any) -> None:
+    """No false alarms: non-BMP characters (escaped as surrogate pairs by json.dumps) and text that merely
+    *looks* like an escaped surrogate."""
+    args = {"emoji": "\U0001f600", "text": "\\ud800", "ü": "ß"}
+    queued = await source.call("q", "m", args, trace={"k": "\\ud83d", "e": "\U0001f600"})
     row = await job_row(db, queued.id)
     assert row["args"] == args
-    assert row["trace"] == {"k": "\\ud83d"}
+    assert row["trace"] == {"k": "\\ud83d", "e": "\U0001f600"}
 
 
-@pytest.mark.parametrize(
-    ("field", "value"),
-    [
-        ("method", "a\x00b"),
-        ("method", "\ud800"),
-        ("cursor_key", "c\x00"),
-        ("cursor_key", "\udc00"),
-    ],
-    ids=["method-nul", "method-surrogate", "cursor-nul", "cursor-surrogate"],
-)
+async def test_json_accepts_text_that_looks_like_an_escaped_nul(source: AsyncMQSource, db: Any) -> None:
+    """A backslash followed by ``u0000`` (a JSON document or a Windows path stored as a string) holds no
+    NUL character and is storable."""
+    args = {"raw": '{"x": "\\u0000"}', "path": "C:\\u0000"}
+    queued = await source.call("q", "m", args, trace={"k": "\\u0000"})
+    row = await job_row(db, queued.id)
+    assert row["args"] == args
+    assert row["trace"] == {"k": "\\u0000"}
+
+
 async def test_text_columns_with_strings_postgres_cannot_hold_are_a_value_error(
-    session: AsyncSession, session_source: AsyncMQSource, db: Any, field: str, value: str
+    session: AsyncSession, session_source: AsyncMQSource, db: Any
 ) -> None:
-    """PostgreSQL ``text`` cannot hold NUL nor a lone surrogate either: reject before any SQL (DESIGN §1.5)."""
-    kwargs: dict[str, Any] = {"method": "m", "cursor_key": None, field: value}
-    await assert_rejected(
-        session,
-        session_source,
-        db,
-        ValueError,
-        field,
-        lambda: session_source.call("q", kwargs["method"], cursor_key=kwargs["cursor_key"]),
-    )
+    """PostgreSQL ``text`` cannot hold NUL nor a lone surrogate either: reject before any SQL (DESIGN §1.5),
+    so a dbsession caller's transaction is not aborted by a server error."""
+    cases = {
+        "method-nul": _call_with(session_source, "q", "a\x00b"),
+        "method-surrogate": _call_with(session_source, "q", "\ud800"),
+        "cursor-nul": _call_with(session_source, "q", "m", cursor_key="c\x00"),
+        "cursor-surrogate": _call_with(session_source, "q", "m", cursor_key="\udc00"),
+    }
+    await check_rejections(session, session_source, db, ValueError, "method|cursor_key", cases)
 
 
-@pytest.mark.parametrize(
-    "queue",
-    ["", "1abc", "a-b", "a b", "x" * 61, "x'; drop table mq_job;--", "abc\n", "é", "a.b", None, 5],
-    ids=["empty", "digit", "dash", "space", "61-chars", "injection", "newline", "non-ascii", "dot", "none", "int"],
-)
+INVALID_QUEUES: dict[str, Any] = {
+    "empty": "",
+    "digit": "1abc",
+    "dash": "a-b",
+    "space": "a b",
+    "61-chars": "x" * 61,
+    "injection": "x'; drop table mq_job;--",
+    "newline": "abc\n",
+    "non-ascii": "é",
+    "dot": "a.b",
+    "none": None,
+    "int": 5,
+}
+
+
 async def test_invalid_queue_name_is_a_value_error(
-    session: AsyncSession, session_source: AsyncMQSource, db: Any, queue: Any
+    session: AsyncSession, session_source: AsyncMQSource, db: Any
 ) -> None:
-    await assert_rejected(
-        session, session_source, db, ValueError, "queue", lambda: session_source.call(queue, "m")
-    )
+    cases = {label: _call_with(session_source, queue, "m") for label, queue in INVALID_QUEUES.items()}
+    await check_rejections(session, session_source, db, ValueError, "queue", cases)
     assert await db.fetchval("SELECT to_regclass('mq_job') IS NOT NULL")
 
 
-@pytest.mark.parametrize("queue", ["x" * 60, "_", "Q_1", "MixedCase", "a1_"])
-async def test_valid_queue_names_are_accepted_and_notified(source: AsyncMQSource, db: Any, queue: str) -> None:
+async def test_valid_queue_names_are_accepted_and_notified(source: AsyncMQSource, db: Any) -> None:
+    queues = ["x" * 60, "_", "Q_1", "MixedCase", "a1_"]
     notes = Notifications(db)
-    await notes.listen(f"mq_{queue}")
-    queued = await source.call(queue, "m", when=T0)
+    await notes.listen(*(f"mq_{q}" for q in queues))
+    jobs = [await source.call(q, "m", when=T0) for q in queues]
     await notes.settle()
-    assert (await job_row(db, queued.id))["queue"] == queue
-    assert notes.payloads(f"mq_{queue}") == [{"j": queued.id, "t": epoch(T0)}]
+    for queue, queued in zip(queues, jobs, strict=True):
+        assert (await job_row(db, queued.id))["queue"] == queue
+        assert notes.payloads(f"mq_{queue}") == [{"j": queued.id, "t": epoch(T0)}]
 
 
 async def test_collapse_on_cursor_without_a_cursor_is_a_value_error(
     session: AsyncSession, session_source: AsyncMQSource, db: Any
 ) -> None:
-    await assert_rejected(
-        session,
-        session_source,
-        db,
-        ValueError,
-        "cursor",
-        lambda: session_source.call("q", "m", collapse_on_cursor=True),
-    )
+    cases = {"no-cursor": _call_with(session_source, "q", "m", collapse_on_cursor=True)}
+    await check_rejections(session, session_source, db, ValueError, "cursor", cases)
 
 
-@pytest.mark.parametrize(
-    "column",
-    [
-        "no_such_column",
-        "id",
-        "state",
-        "args",
-        "trace",
-        "created_time",
-        "scheduled_time",
-        "queue",
-        "method",
-        "cursor_key",
-        "collapsible",
-    ],
-)
 async def test_job_kwargs_naming_an_unknown_or_call_set_column_is_a_value_error(
-    session: AsyncSession, session_source: AsyncMQSource, db: Any, column: str
+    session: AsyncSession, session_source: AsyncMQSource, db: Any
 ) -> None:
-    await assert_rejected(
-        session,
-        session_source,
-        db,
-        ValueError,
-        column,
-        lambda: session_source.call("q", "m", job_kwargs={column: "x"}),
-    )
+    columns = ["no_such_column", "id", "state", "args", "trace", "created_time", "scheduled_time"]
+    columns += ["queue", "method", "cursor_key", "collapsible"]
+    cases = {column: _call_with(session_source, "q", "m", job_kwargs={column: "x"}) for column in columns}
+    await check_rejections(session, session_source, db, ValueError, None, cases)
 
 
 async def test_job_kwargs_set_a_free_column(source: AsyncMQSource, db: Any) -> None:
@@ -916,7 +897,7 @@ async def test_job_kwargs_set_a_free_column(source: AsyncMQSource, db: Any) -> N
     assert row["state"] == "pending"
 
 
-# ---------------------------------------------------------------------------------------------- missing schema
+# ---------------------------------------------------------------------------------------------- no schema
 
 
 async def test_missing_schema_is_reported_clearly(empty_database: str, model: Model) -> None:
@@ -953,9 +934,7 @@ async def test_get_job_returns_the_orm_row(source: AsyncMQSource, model: Model) 
     assert job.collapsible is True
 
 
-async def test_get_job_from_an_engine_source_is_detached_and_readable(
-    source: AsyncMQSource, db: Any
-) -> None:
+async def test_get_job_from_an_engine_source_is_detached_and_readable(source: AsyncMQSource, db: Any) -> None:
     queued = await source.call("q", "m", {"a": 1}, now=T0, job_kwargs={"worker": "w"})
     await update_job(db, queued.id, result='{"r": 2}', end_time=T0)
     job = await source.get_job(queued.id)
@@ -1027,7 +1006,9 @@ async def test_find_jobs_filters_and_orders_newest_first(source: AsyncMQSource, 
     ids = []
     for i, (queue, method, cursor) in enumerate(specs):
         now = T0 + datetime.timedelta(seconds=i)
-        queued = await source.call(queue, method, {"i": i}, cursor_key=cursor, now=now, collapse_on_cursor=False)
+        queued = await source.call(
+            queue, method, {"i": i}, cursor_key=cursor, now=now, collapse_on_cursor=False
+        )
         ids.append(queued.id)
     await put_in_state(db, ids[0], "completed")
     await put_in_state(db, ids[4], "failed")
@@ -1075,49 +1056,52 @@ async def test_get_cursor(source: AsyncMQSource, session_source: AsyncMQSource, 
 # ---------------------------------------------------------------------------------------------- retry_job
 
 
-@pytest.mark.parametrize("state", STATES)
-async def test_retry_job_copies_the_job_into_a_new_pending_one(
-    source: AsyncMQSource, db: Any, state: str
-) -> None:
+async def test_retry_job_copies_the_job_into_a_new_pending_one(source: AsyncMQSource, db: Any) -> None:
     s1 = await insert_schedule(db)
     l1 = await insert_listener(db)
-    original = await source.call(
-        "q",
-        "m",
-        {"a": [1, {"b": 2}]},
-        cursor_key="c",
-        when=T0,
-        now=T0 - datetime.timedelta(hours=1),
-        trace={"origin": "web", "nested": {"x": [1]}},
-        schedule_ids=[s1],
-        listener_ids=[l1],
-    )
-    await put_in_state(db, original.id, state)
-    before = await job_row(db, original.id)
+    for state in STATES:  # any state: there is no state check
+        original = await source.call(
+            "q",
+            "m",
+            {"a": [1, {"b": 2}], "state": state},
+            cursor_key=f"c-{state}",
+            when=T0,
+            now=T0 - datetime.timedelta(hours=1),
+            trace={"origin": "web", "nested": {"x": [1]}},
+            schedule_ids=[s1],
+            listener_ids=[l1],
+        )
+        await put_in_state(db, original.id, state)
+        before = await job_row(db, original.id)
 
-    retried_at = T0 + datetime.timedelta(days=1)
-    retried = await source.retry_job(original.id, now=retried_at)
+        retried_at = T0 + datetime.timedelta(days=1)
+        retried = await source.retry_job(original.id, now=retried_at)
 
-    assert retried == QueuedJob(retried.id, "q", "m", "c", T0, created=True)
-    assert retried.id != original.id
-    row = await job_row(db, retried.id)
-    assert row["state"] == "pending"
-    assert (row["queue"], row["method"], row["args"], row["cursor_key"]) == ("q", "m", {"a": [1, {"b": 2}]}, "c")
-    assert row["scheduled_time"] == T0  # the original's time, not now
-    assert row["created_time"] == retried_at
-    assert row["collapsible"] is False
-    assert row["trace"] == {**before["trace"], "mq_source_job_id": original.id}
-    assert (row["start_time"], row["end_time"], row["result"], row["lock_id"], row["worker"]) == (None,) * 5
-    assert await job_row(db, original.id) == before
-    # Provenance only through the copied trace: no link rows for the retry.
-    for table in ("mq_job_schedule_link", "mq_job_listener_link"):
-        assert await db.fetchval(f"SELECT count(*) FROM {table} WHERE job_id = $1", retried.id) == 0
-        assert await db.fetchval(f"SELECT count(*) FROM {table} WHERE job_id = $1", original.id) == 1
+        assert retried == QueuedJob(retried.id, "q", "m", f"c-{state}", T0, created=True), state
+        assert retried.id != original.id
+        row = await job_row(db, retried.id)
+        assert row["state"] == "pending"
+        assert (row["queue"], row["method"], row["args"], row["cursor_key"]) == (
+            "q",
+            "m",
+            {"a": [1, {"b": 2}], "state": state},
+            f"c-{state}",
+        )
+        assert row["scheduled_time"] == T0  # the original's time, not now
+        assert row["created_time"] == retried_at
+        assert row["collapsible"] is False
+        assert row["trace"] == {**before["trace"], "mq_source_job_id": original.id}
+        assert (row["start_time"], row["end_time"], row["result"], row["lock_id"], row["worker"]) == (
+            None,
+        ) * 5
+        assert await job_row(db, original.id) == before, state
+        # Provenance only through the copied trace: no link rows for the retry.
+        for table in ("mq_job_schedule_link", "mq_job_listener_link"):
+            assert await db.fetchval(f"SELECT count(*) FROM {table} WHERE job_id = $1", retried.id) == 0
+            assert await db.fetchval(f"SELECT count(*) FROM {table} WHERE job_id = $1", original.id) == 1
 
 
-async def test_retry_job_of_a_job_without_trace(
-    source: AsyncMQSource, db: Any, notes: Notifications
-) -> None:
+async def test_retry_job_of_a_job_without_trace(source: AsyncMQSource, db: Any, notes: Notifications) -> None:
     original = await source.call("q", "m", when=T0)
     before = utcnow()
     retried = await source.retry_job(original.id)
@@ -1187,16 +1171,14 @@ async def test_cancel_failed_job_without_end_time_sets_it(source: AsyncMQSource,
     assert (await job_row(db, queued.id))["end_time"] == T0
 
 
-@pytest.mark.parametrize("state", ["running", "lost", "completed", "canceled"])
-async def test_cancel_job_in_other_states_is_a_runtime_error(
-    source: AsyncMQSource, db: Any, state: str
-) -> None:
-    queued = await source.call("q", "m")
-    await put_in_state(db, queued.id, state)
-    before = await job_row(db, queued.id)
-    with pytest.raises(RuntimeError, match="not in a valid state"):
-        await source.cancel_job(queued.id, now=T0)
-    assert await job_row(db, queued.id) == before
+async def test_cancel_job_in_other_states_is_a_runtime_error(source: AsyncMQSource, db: Any) -> None:
+    for state in ["running", "lost", "completed", "canceled"]:
+        queued = await source.call("q", "m")
+        await put_in_state(db, queued.id, state)
+        before = await job_row(db, queued.id)
+        with pytest.raises(RuntimeError, match="not in a valid state"):
+            await source.cancel_job(queued.id, now=T0 + datetime.timedelta(days=1))
+        assert await job_row(db, queued.id) == before, state
 
 
 async def test_cancel_job_missing_is_a_lookup_error(source: AsyncMQSource) -> None:
@@ -1205,7 +1187,11 @@ async def test_cancel_job_missing_is_a_lookup_error(source: AsyncMQSource) -> No
 
 
 async def test_cancel_job_emits_no_event(source: AsyncMQSource, db: Any) -> None:
-    for event in ("mq.job_finished.canceled.q.m", "mq.job_finished.failed.q.m", "mq.job_finished.completed.q.m"):
+    for event in (
+        "mq.job_finished.canceled.q.m",
+        "mq.job_finished.failed.q.m",
+        "mq.job_finished.completed.q.m",
+    ):
         await insert_listener(db, event)
     queued = await source.call("q", "m")
     await source.cancel_job(queued.id)
@@ -1226,9 +1212,12 @@ async def test_fail_lost_job_with_a_result(source: AsyncMQSource, db: Any) -> No
     assert row["result"] == {"why": "host died", "n": [1]}
     assert row["end_time"] == ended
     # The cursor is free again: a new job on it can run.
-    assert await db.fetchval(
-        "SELECT count(*) FROM mq_job WHERE cursor_key = 'c' AND state IN ('running', 'lost')"
-    ) == 0
+    assert (
+        await db.fetchval(
+            "SELECT count(*) FROM mq_job WHERE cursor_key = 'c' AND state IN ('running', 'lost')"
+        )
+        == 0
+    )
 
 
 async def test_fail_lost_job_without_a_result(source: AsyncMQSource, db: Any) -> None:
@@ -1241,35 +1230,73 @@ async def test_fail_lost_job_without_a_result(source: AsyncMQSource, db: Any) ->
     assert row["end_time"] == T0
 
 
-@pytest.mark.parametrize("state", ["pending", "running", "completed", "failed", "canceled"])
-async def test_fail_lost_job_in_other_states_is_a_runtime_error(
-    source: AsyncMQSource, db: Any, state: str
-) -> None:
-    queued = await source.call("q", "m")
-    await put_in_state(db, queued.id, state)
-    before = await job_row(db, queued.id)
-    with pytest.raises(RuntimeError, match="not in a lost state"):
-        await source.fail_lost_job(queued.id, result={"x": 1})
-    assert await job_row(db, queued.id) == before
+async def test_fail_lost_job_in_other_states_is_a_runtime_error(source: AsyncMQSource, db: Any) -> None:
+    for state in ["pending", "running", "completed", "failed", "canceled"]:
+        queued = await source.call("q", "m")
+        await put_in_state(db, queued.id, state)
+        before = await job_row(db, queued.id)
+        with pytest.raises(RuntimeError, match="not in a lost state"):
+            await source.fail_lost_job(queued.id, result={"x": 1})
+        assert await job_row(db, queued.id) == before, state
 
 
-@pytest.mark.parametrize("result", [{1, 2}, {"t": datetime.datetime(2030, 1, 1)}, math.nan, b"x"])
 async def test_fail_lost_job_with_a_non_json_result_changes_nothing(
-    session: AsyncSession, session_source: AsyncMQSource, source: AsyncMQSource, db: Any, result: Any
+    session: AsyncSession, session_source: AsyncMQSource, source: AsyncMQSource, db: Any
 ) -> None:
     queued = await source.call("q", "m")
     await put_in_state(db, queued.id, "lost")
     before = await job_row(db, queued.id)
 
-    with pytest.raises(TypeError, match="result"):
-        await source.fail_lost_job(queued.id, result=result)
-    assert await job_row(db, queued.id) == before
-
-    with pytest.raises(TypeError, match="result"):
-        await session_source.fail_lost_job(queued.id, result=result)
+    for result in [{1, 2}, {"t": datetime.datetime(2030, 1, 1)}, math.nan, b"x", {"s": "a\x00"}]:
+        with pytest.raises((TypeError, ValueError), match="result"):
+            await source.fail_lost_job(queued.id, result=result)
+        assert await job_row(db, queued.id) == before, result
+        with pytest.raises((TypeError, ValueError), match="result"):
+            await session_source.fail_lost_job(queued.id, result=result)
     await session_source.fail_lost_job(queued.id, result={"ok": True})  # the transaction is still usable
     await session.commit()
     assert (await job_row(db, queued.id))["result"] == {"ok": True}
+
+
+async def test_fail_lost_job_emits_the_failed_event(source: AsyncMQSource, db: Any) -> None:
+    """Reference §2.2/§11: ``mq.job_finished.failed.<queue>.<method>`` with the result given."""
+    listener_id = await insert_listener(db, "mq.job_finished.failed.q.m")
+    await insert_listener(db, "mq.job_finished.lost.q.m")
+    queued = await source.call("q", "m")
+    await put_in_state(db, queued.id, "lost")
+
+    await source.fail_lost_job(queued.id, result={"why": "gone"})
+    ids = await job_ids(db)
+    assert len(ids) == 2
+    event_job = await job_row(db, ids[1])
+    assert (event_job["queue"], event_job["method"], event_job["state"]) == ("q", "m", "pending")
+    assert event_job["trace"] == {"mq_listener_ids": [listener_id]}
+    event = event_job["args"]["event"]
+    assert event["name"] == "mq.job_finished.failed.q.m"
+    assert event["listener_id"] == listener_id
+    assert event["data"] == {
+        "id": queued.id,
+        "queue": "q",
+        "method": "m",
+        "start_time": T0.isoformat(),
+        "end_time": T0.isoformat(),
+        "result": {"why": "gone"},
+    }
+
+
+async def test_fail_lost_job_wakes_the_next_job_on_its_cursor(source: AsyncMQSource, db: Any) -> None:
+    notes = Notifications(db)
+    await notes.listen("mq_q", "mq_q2")
+    lost = await source.call("q", "m", cursor_key="c", when=T0)
+    await put_in_state(db, lost.id, "lost")
+    successor = await source.call("q2", "m", cursor_key="c", when=T0)
+    await notes.settle()
+    assert notes.payloads("mq_q2") == [{"j": successor.id, "t": epoch(T0)}]
+
+    await source.fail_lost_job(lost.id)
+    await notes.settle()
+    assert notes.payloads("mq_q2") == [{"j": successor.id, "t": epoch(T0)}] * 2
+    assert notes.payloads("mq_q") == [{"j": lost.id, "t": epoch(T0)}]
 
 
 async def test_fail_lost_job_missing_is_a_lookup_error(source: AsyncMQSource) -> None:
@@ -1370,7 +1397,7 @@ async def test_wait_for_job_polls_for_jobs_finished_without_notify(source: Async
     await update_job(db, queued.id, state="completed", result='{"by": "psycopg2_mq"}', end_time=T0)
     finished = time.monotonic()
     info = await asyncio.wait_for(waiter, 5)
-    assert time.monotonic() - finished < 1.5
+    assert time.monotonic() - finished < 2
     assert (info.state, info.result, info.end_time) == ("completed", {"by": "psycopg2_mq"}, T0)
 
 
@@ -1378,9 +1405,7 @@ async def test_concurrent_waiters_share_one_listen_connection(source: AsyncMQSou
     jobs = [await source.call("q", "m", {"i": i}) for i in range(10)]
     assert await _listen_connections(db) == 0
 
-    waiters = [
-        asyncio.create_task(source.wait_for_job(j.id, timeout=10, poll_interval=30)) for j in jobs
-    ]
+    waiters = [asyncio.create_task(source.wait_for_job(j.id, timeout=10, poll_interval=30)) for j in jobs]
 
     async def one_listener() -> bool:
         return await _listen_connections(db) == 1
