@@ -693,6 +693,11 @@ class AsyncMQSource:
         stamp = now.replace(tzinfo=datetime.UTC).isoformat()
         jobs = []
         for listener in listeners:
+            try:  # rows written by other code (psycopg2_mq stores any queue string)
+                check_queue_name(listener.queue)
+            except ValueError as ex:
+                log.warning("listener %s skipped for event %s: %s", listener.id, name, ex)
+                continue
             event = {"name": name, "listener_id": listener.id, "now": stamp, "data": data}
             key = listener.context_arg_key
             collapse = bool(listener.collapse_on_cursor)

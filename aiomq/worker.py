@@ -523,7 +523,17 @@ class AsyncMQWorker:
             return
         cutoff = now - datetime.timedelta(seconds=self.timeout)
         for schedule in await conn.execute(ss.stale, {"queues": owned, "before": cutoff}):
-            next_time = next_rrule_time(schedule.rrule, schedule.created_time, cutoff)
+            try:
+                next_time = next_rrule_time(schedule.rrule, schedule.created_time, cutoff)
+            except Exception as ex:
+                log.error(
+                    "schedule %s: cannot evaluate rrule %r (%s); it will not fire",
+                    schedule.id,
+                    schedule.rrule,
+                    ex,
+                )
+                await conn.execute(ss.set_next, {"schedule_id": schedule.id, "next_time": None})
+                continue
             log.warning(
                 "schedule %s (%s.%s) missed its time %s; skipping to %s",
                 schedule.id,
@@ -547,9 +557,19 @@ class AsyncMQWorker:
                 async with AsyncSession(bind=conn) as session:
                     source = self.mq_source_factory(dbsession=session, model=self.model)
                     for schedule in due:
-                        job = await source.call_schedule(
-                            schedule.id, now=now, when=schedule.next_execution_time, reload=False
-                        )
+                        try:  # one schedule that cannot fire (a bad rrule, a bad row) spares the others
+                            async with session.begin_nested():
+                                job = await source.call_schedule(
+                                    schedule.id, now=now, when=schedule.next_execution_time, reload=False
+                                )
+                        except Exception as ex:
+                            if self.is_retryable_error(ex):
+                                raise
+                            log.error("schedule %s cannot fire (%s); it will not fire again", schedule.id, ex)
+                            await conn.execute(
+                                self._ss.set_next, {"schedule_id": schedule.id, "next_time": None}
+                            )
+                            continue
                         fired.append((schedule.id, job))
                     await session.flush()
             self._next_schedule = await conn.scalar(self._ss.next_time, {"queues": owned})
