@@ -685,9 +685,10 @@ async def test_listener_rotation_recovers_job_marked_lost_meanwhile(
     w1 = make_worker({"q": handler}, name="w1", timeout=60)
     w2 = make_worker({"q": never}, name="w2", timeout=0.3)
     try:
-        async with w1, w2:
+        async with w1:
             job = await source.call("q", "m")
-            await wait_state(db, job.id, "running")
+            await wait_state(db, job.id, "running")  # claimed by w1: w2 (same queue) is not up yet
+            await w2.__aenter__()
             old = lock_id_of(w1)
             # keep w1 from reconnecting (open connections stay) while w2's maintenance sees its lock gone
             await admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
@@ -727,6 +728,7 @@ async def test_listener_rotation_recovers_job_marked_lost_meanwhile(
             assert (await job_row(db, job.id))["state"] == "running"
             release.set()
             row = await wait_state(db, job.id, "completed")
+            await w2.stop()
     finally:
         release.set()
         await admin.close()

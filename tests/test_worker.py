@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from aiomq import AsyncMQSource, AsyncMQWorker, FailedJobError, JobContext
@@ -96,7 +97,7 @@ async def test_claim_order_scheduled_then_created(
     spec = [
         ("a", -10, -5),
         ("d", -1, -1),
-        ("c", -30, 60),  # created first of all, but delayed: must not hold back the others
+        ("c", -30, 60),  # created before most, but delayed: must not hold back the later-created due ones
         ("g", -60, 0),  # created earliest, scheduled latest of the due ones (exactly now)
         ("b", -20, -5),
         ("e", -40, -8),
@@ -171,14 +172,14 @@ async def test_one_job_per_cursor_across_queues(
 
     worker = make_worker({"qa": handler, "qb": handler}, concurrency=10)
     await worker.run_until_idle()
+    left = await db.fetchval("SELECT count(*) FROM mq_job WHERE state <> 'completed'")
+    assert left == 0, f"run_until_idle() returned with {left} due job(s) left (see the claim-race tests)"
 
     for key in ("c0", "c1", "c2"):
         assert most[key] == 1, f"cursor {key} had {most[key]} jobs running at once"
         assert order[key] == ids[key], f"cursor {key} ran out of order"
     assert most["-"] > 1
     assert most_in_flight >= 4, "the worker never ran jobs side by side: this test proves nothing"
-    states = await db.fetch("SELECT DISTINCT state::text FROM mq_job")
-    assert [r[0] for r in states] == ["completed"]
 
 
 async def test_running_job_blocks_its_cursor_in_other_queues(
@@ -481,14 +482,13 @@ def where(job: JobContext, form: str) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("handler", "form", "is_async"),
     [
-        (AsyncMethodHandler(), "async-method", True),
-        (SyncMethodHandler(), "sync-method", False),
-        (async_function_handler, "async-function", True),
-        (sync_function_handler, "sync-function", False),
-        (SyncCallableHandler(), "sync-callable", False),
-        (AsyncCallableHandler(), "async-callable", True),
+        pytest.param(AsyncMethodHandler(), "async-method", True, id="async-method"),
+        pytest.param(SyncMethodHandler(), "sync-method", False, id="sync-method"),
+        pytest.param(async_function_handler, "async-function", True, id="async-function"),
+        pytest.param(sync_function_handler, "sync-function", False, id="sync-function"),
+        pytest.param(SyncCallableHandler(), "sync-callable", False, id="sync-callable"),
+        pytest.param(AsyncCallableHandler(), "async-callable", True, id="async-callable"),
     ],
-    ids=lambda v: v if isinstance(v, str) else None,
 )
 async def test_handler_forms(
     source: AsyncMQSource, make_worker: MakeWorker, db: Any, handler: Any, form: str, is_async: bool
@@ -809,7 +809,7 @@ async def test_two_workers_race_on_few_cursors(
                         collapse_on_cursor=False,
                     )
                 ).id
-                for i in range(80)
+                for i in range(48)
             ]
         infos = await asyncio.gather(*(source.wait_for_job(i, timeout=10, poll_interval=0.2) for i in ids))
 
@@ -884,3 +884,101 @@ async def test_job_finished_notify(source: AsyncMQSource, make_worker: MakeWorke
         {"j": good.id, "s": "completed"},
         {"j": bad.id, "s": "failed"},
     ]
+
+
+async def test_run_until_idle_runs_successor_of_job_finishing_during_a_claim(
+    source: AsyncMQSource, make_worker: MakeWorker, engine: AsyncEngine, db: Any
+) -> None:
+    """A cursor job whose finish commits while a claim is in flight must not end run_until_idle() early.
+
+    Job x finishing wakes the loop into a claim. That claim's snapshot still shows y1 running, so y2
+    (y1's successor on the cursor) is not claimable and the claim returns nothing; y1 finishes before the
+    claim's answer is processed. Then no job is in flight, but y2 is due. The claim's answer is held back
+    (after the server ran it) until y1 is done, so this order happens every time instead of by chance.
+    """
+    armed = asyncio.Event()
+    held = asyncio.Event()
+    worker: AsyncMQWorker | None = None
+
+    async def hold_until_idle(_driver_connection: Any) -> None:
+        held.set()
+        for _ in range(400):
+            assert worker is not None
+            if not worker.get_status()["active_jobs"]:
+                return
+            await asyncio.sleep(0.005)
+
+    def after_execute(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if armed.is_set() and statement.lstrip().startswith("WITH locked AS"):
+            armed.clear()
+            conn.connection.dbapi_connection.run_async(hold_until_idle)
+
+    async def handler(job: JobContext) -> None:
+        if job.method == "x":
+            armed.set()  # the claim that x's finish wakes up is held back
+        elif job.method == "y1":
+            await asyncio.wait_for(held.wait(), 5)
+
+    x = await source.call("q", "x")
+    y1 = await source.call("q", "y1", cursor_key="y")
+    y2 = await source.call("q", "y2", cursor_key="y", collapse_on_cursor=False)
+    sa.event.listen(engine.sync_engine, "after_cursor_execute", after_execute)
+    try:
+        worker = make_worker({"q": handler})
+        await worker.run_until_idle()
+    finally:
+        sa.event.remove(engine.sync_engine, "after_cursor_execute", after_execute)
+    assert held.is_set(), "the claim after x's finish was not seen: this test proves nothing"
+    assert await job_state(db, x.id) == "completed"
+    assert await job_state(db, y1.id) == "completed"
+    assert await job_state(db, y2.id) == "completed", "run_until_idle() returned with y2 due"
+
+
+async def test_successor_starts_at_once_when_predecessor_finishes_during_next_due_query(
+    source: AsyncMQSource, make_worker: MakeWorker, engine: AsyncEngine
+) -> None:
+    """The live twin of the test above: a finish's hint must not be overwritten by an older answer.
+
+    After claiming y1 the worker asks the database when the next job is due. That query's snapshot shows
+    y1 running, so it answers "nothing" (y2 waits on y1's cursor). y1 finishes, and its finish hints
+    "y2 is due now" (the worker's own hint and the NOTIFY to the queue), before that stale answer is
+    processed. The answer must not erase the hint, or y2 waits for maintenance (timeout=30).
+    """
+    held = asyncio.Event()
+    worker: AsyncMQWorker | None = None
+
+    async def hold_until_idle(_driver_connection: Any) -> None:
+        held.set()
+        for _ in range(400):
+            assert worker is not None
+            if not worker.get_status()["active_jobs"]:
+                break
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.1)  # let y1's NOTIFY arrive first, too
+
+    def after_execute(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if held.is_set() or worker is None or "min(mq_job.scheduled_time)" not in statement:
+            return
+        if worker.get_status()["active_jobs"]:
+            conn.connection.dbapi_connection.run_async(hold_until_idle)
+
+    async def handler(job: JobContext) -> None:
+        if job.method == "y1":
+            await asyncio.wait_for(held.wait(), 5)
+
+    sa.event.listen(engine.sync_engine, "after_cursor_execute", after_execute)
+    try:
+        worker = make_worker({"q": handler}, timeout=30)
+        async with worker:
+            y1 = await source.call("q", "y1", cursor_key="y")
+            y2 = await source.call("q", "y2", cursor_key="y", collapse_on_cursor=False)
+            first = await source.wait_for_job(y1.id, timeout=5, poll_interval=0.1)
+            second = await source.wait_for_job(y2.id, timeout=5, poll_interval=0.1)
+    finally:
+        sa.event.remove(engine.sync_engine, "after_cursor_execute", after_execute)
+    assert held.is_set(), "no next-due query ran while y1 was in flight: this test proves nothing"
+    assert first.state == "completed"
+    assert second.state == "completed"
+    assert first.end_time is not None
+    assert second.start_time is not None
+    assert (second.start_time - first.end_time).total_seconds() < 1.5
