@@ -136,6 +136,10 @@ class AsyncMQWorker:
         self._lock_id: int | None = None
         self._next_due: datetime.datetime | None = None
         self._owned: list[str] = []  # queues whose schedules this worker fires
+        # Counters that tell whether something happened while a query was in flight (its answer may
+        # predate a finish or a hint).
+        self._settled = 0
+        self._hints = 0
         self._next_schedule: datetime.datetime | None = None
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._jobs: dict[int, JobContext] = {}
@@ -298,14 +302,15 @@ class AsyncMQWorker:
                 await self._apply_schedules()
             free = self.concurrency - len(self._tasks)
             claimed = 0
+            settled = self._settled
             if free > 0 and (until_idle or self._is_due()):
                 claimed = await self._claim(free)
                 if claimed == 0 and self._is_due():
                     # Due jobs exist but are locked (another worker's claim or a caller's FOR UPDATE):
                     # look again shortly instead of spinning.
                     self._next_due = self.clock() + datetime.timedelta(seconds=0.05)
-            if until_idle and claimed == 0 and not self._tasks:
-                return
+            if until_idle and claimed == 0 and not self._tasks and self._settled == settled:
+                return  # (a job that finished during the claim may have freed a cursor: claim again)
             delay = next_maintenance - loop.time()
             if self.concurrency > len(self._tasks) and self._next_due is not None:
                 delay = min(delay, (self._next_due - self.clock()).total_seconds())
@@ -334,6 +339,7 @@ class AsyncMQWorker:
             self._wakeup.set()
 
     def _hint(self, when: datetime.datetime) -> None:
+        self._hints += 1
         if self._next_due is None or when < self._next_due:
             self._next_due = when
         self._wake()
@@ -629,12 +635,16 @@ class AsyncMQWorker:
 
     async def _refresh_next_due(self) -> None:
         """Ask the database when the next job becomes claimable (None: wait for a hint)."""
+        hints = self._hints
+        value: datetime.datetime | None = None
         try:
             async with self._autocommit.connect() as conn:
-                self._next_due = await conn.scalar(self._st.next_due, {"queues": self.queues})
+                value = await conn.scalar(self._st.next_due, {"queues": self.queues})
         except Exception as ex:
             log.warning("could not read the next due time (%s); polling every %ss", ex, self.timeout)
-            self._next_due = None
+        # A hint that arrived while the query ran is newer than its answer: keep the earlier of the two.
+        hinted = self._next_due if self._hints != hints else None
+        self._next_due = min((t for t in (value, hinted) if t is not None), default=None)
 
     def _start(self, job: JobContext, scheduled: datetime.datetime, now: datetime.datetime) -> None:
         log.info(
@@ -666,6 +676,7 @@ class AsyncMQWorker:
             self._forget(job.id)
 
     def _forget(self, job_id: int) -> None:
+        self._settled += 1
         self._jobs.pop(job_id, None)
         self._tasks.pop(job_id, None)
         self._wake()
