@@ -75,9 +75,7 @@ async def measure(url: str, jobs: int, spacing: float) -> dict[str, float]:
             queued = await source.call("bench", "noop")  # returns after its commit
             committed[queued.id] = time.perf_counter()
             await asyncio.sleep(spacing)
-        deadline = time.monotonic() + 30
-        while len(started) < jobs and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        await source.wait_for_job(queued.id, timeout=30, poll_interval=0.05)  # the last one
     await engine.dispose()
     latencies = [(started[j] - committed[j]) * 1000 for j in committed if j in started]
     return {
@@ -91,7 +89,9 @@ async def measure(url: str, jobs: int, spacing: float) -> dict[str, float]:
 
 
 async def amain() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("url", nargs="?", default=os.environ.get("AIOMQ_DATABASE_URL"))
     parser.add_argument("--jobs", type=int, default=200)
     parser.add_argument("--spacing-ms", type=float, default=10.0)
