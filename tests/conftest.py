@@ -57,6 +57,12 @@ def pg_server() -> Iterator[PgServer]:
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
+@pytest.fixture
+def aiomq_server_url(pg_server: PgServer) -> str:
+    """aiomq's pytest plugin (aiomq.testing) creates its databases on the suite's server."""
+    return pg_server.dsn
+
+
 @pytest.fixture(scope="session")
 def template_db(pg_server: PgServer) -> Iterator[str]:
     """A database holding the schema; every test's database is a copy of it."""

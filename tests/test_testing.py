@@ -1,0 +1,65 @@
+"""aiomq.testing: the helpers and the pytest plugin's fixtures, used as a user's test suite would."""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from aiomq import AsyncMQSource, AsyncMQWorker, JobContext
+from aiomq.testing import RecordingHandler, drain, temporary_database, wait_for_completed
+from examples.echo import EchoQueue
+
+MakeWorker = Callable[..., AsyncMQWorker]
+
+
+async def test_an_example_handler_runs_through_the_plugin_fixtures(
+    aiomq_source: AsyncMQSource, aiomq_worker: MakeWorker
+) -> None:
+    job = await aiomq_source.call("echo", "hello", {"name": "Ada"})
+    await drain(aiomq_worker({"echo": EchoQueue()}))
+    info = await aiomq_source.wait_for_job(job.id, timeout=5)
+    assert (info.state, info.result) == ("completed", 'hello, Ada from method="hello"')
+
+
+async def test_recording_handler_and_follow_ups(
+    aiomq_source: AsyncMQSource, aiomq_worker: MakeWorker
+) -> None:
+    notes = RecordingHandler(result={"ok": True})
+
+    async def orders(job: JobContext) -> str:
+        # a handler that enqueues a follow-up: drain() runs it too
+        await aiomq_source.call("notes", "note", {"order": job.args["id"]})
+        return "placed"
+
+    await aiomq_source.call("orders", "place", {"id": 7})
+    delayed = await aiomq_source.call("orders", "place", {"id": 8}, when=datetime.timedelta(hours=1))
+    await drain(aiomq_worker({"orders": orders, "notes": notes}))
+    assert notes.calls == [("note", {"order": 7})]
+    assert (await aiomq_source.wait_for_job(notes.jobs[0].id, timeout=5)).result == {"ok": True}
+    pending = await aiomq_source.find_jobs(state="pending")
+    assert [j.id for j in pending] == [delayed.id]  # not due: drain leaves it
+
+
+async def test_wait_for_completed_reports_the_failure(
+    aiomq_source: AsyncMQSource, aiomq_worker: MakeWorker
+) -> None:
+    def boom(job: JobContext) -> Any:
+        raise ValueError("no stock")
+
+    async with aiomq_worker({"orders": RecordingHandler(result=boom)}):
+        job = await aiomq_source.call("orders", "place")
+        with pytest.raises(AssertionError, match="ended failed.*no stock"):
+            await wait_for_completed(aiomq_source, job.id)
+
+
+async def test_temporary_database_creates_and_drops(aiomq_server_url: str, db: Any) -> None:
+    metadata = sa.MetaData()
+    sa.Table("things", metadata, sa.Column("id", sa.Integer, primary_key=True))
+    async with temporary_database(aiomq_server_url, metadata=metadata, prefix="aiomq_tmpdb") as url:
+        name = sa.make_url(url).database
+        assert await db.fetchval("SELECT count(*) FROM pg_database WHERE datname = $1", name) == 1
+    assert await db.fetchval("SELECT count(*) FROM pg_database WHERE datname = $1", name) == 0
