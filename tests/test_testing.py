@@ -52,7 +52,7 @@ async def test_wait_for_completed_reports_the_failure(
 
     async with aiomq_worker({"orders": RecordingHandler(result=boom)}):
         job = await aiomq_source.call("orders", "place")
-        with pytest.raises(AssertionError, match="ended failed.*no stock"):
+        with pytest.raises(AssertionError, match=r"ended failed.*no stock"):
             await wait_for_completed(aiomq_source, job.id)
 
 
