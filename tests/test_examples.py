@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 
+from aiomq import AsyncMQSource, AsyncMQWorker
+from aiomq.testing import RecordingHandler, drain
 from examples import cursor_throttle, echo, recurring
 
 from .conftest import asyncpg_url
@@ -37,3 +40,15 @@ async def test_recurring_example(database: str) -> None:
     runs = outcome["cursor"]["runs"]
     assert runs >= 2  # a firing per second, serialised on the cursor
     assert len(outcome["notified"]) == runs  # one listener job per completed run
+
+
+async def test_sync_enqueue_example_feeds_an_aiomq_worker(database: str, source: AsyncMQSource) -> None:
+    from examples import sync_enqueue
+
+    job_id = await asyncio.to_thread(sync_enqueue.main, database)
+    again = await asyncio.to_thread(sync_enqueue.main, database)  # joins the pending job on the cursor
+    assert again == job_id
+    handler = RecordingHandler(result="sent")
+    await drain(AsyncMQWorker(engine=source.engine, queues={"mail": handler}, model=source.model))  # type: ignore[arg-type]
+    assert handler.calls == [("welcome", {"user": 42})]
+    assert (await source.wait_for_job(job_id, timeout=5)).result == "sent"
