@@ -421,7 +421,7 @@ class AsyncMQSource:
             await session.flush()
             await self._finished_hint(session, job_id, st.FAILED)
             if job.cursor_key is not None:  # its cursor is free: wake whoever serves the next job on it
-                await session.execute(self._st.notify_successors, {"key": job.cursor_key})
+                await session.execute(self._st.notify_successors, {"keys": [job.cursor_key]})
             name, data = finished_event(st.FAILED, job, result=result)
             await self._emit(session, name, data, now=utcnow(), trace=None)
         log.info("failed lost job %s", job_id)

@@ -183,6 +183,61 @@ class Statements:
             .returning(*finished_columns)
         )
 
+        #: Record many outcomes at once (arrays ``ids``, ``states``, ``results`` as JSON text or NULL, and
+        #: ``now``), each only while its job is running or lost, and send each one's mq.job_finished hint.
+        done = (
+            sa.func.unnest(
+                sa.bindparam("ids", type_=pg.ARRAY(sa.BigInteger)),
+                sa.bindparam("states", type_=pg.ARRAY(sa.Text)),
+                sa.bindparam("results", type_=pg.ARRAY(sa.Text)),
+            )
+            .table_valued("id", "state", "result")
+            .render_derived(name="done", with_types=False)
+        )
+        recorded = (
+            job.update()
+            .where(job.c.id == done.c.id)
+            .where(job.c.state.in_([running, lost]))
+            .values(
+                state=sa.cast(done.c.state, job.c.state.type),
+                result=sa.cast(done.c.result, pg.JSONB),
+                end_time=sa.bindparam("now", type_=sa.DateTime),
+                lock_id=None,
+            )
+            .returning(*finished_columns, job.c.cursor_key, job.c.state)
+            .cte("recorded")
+        )
+        self.finish_many = sa.select(
+            recorded,
+            sa.func.pg_notify(
+                sa.literal(FINISHED_CHANNEL, sa.Text),
+                sa.cast(
+                    sa.func.json_build_object("j", recorded.c.id, "s", sa.cast(recorded.c.state, sa.Text)),
+                    sa.Text,
+                ),
+            ).label("notified"),
+        )
+
+        #: Save many cursors (arrays ``keys``, ``properties``, ``job_ids``), as ``save_cursor`` does one.
+        rows = (
+            sa.func.unnest(
+                sa.bindparam("keys", type_=pg.ARRAY(sa.Text)),
+                sa.bindparam("properties", type_=pg.ARRAY(sa.Text)),
+                sa.bindparam("job_ids", type_=pg.ARRAY(sa.BigInteger)),
+            )
+            .table_valued("key", "properties", "job_id")
+            .render_derived(name="saved", with_types=False)
+        )
+        many = pg_insert(cursor).from_select(
+            ["key", "properties", "updated_job_id"],
+            sa.select(rows.c.key, sa.cast(rows.c.properties, pg.JSONB), rows.c.job_id),
+        )
+        self.save_cursors = many.on_conflict_do_update(
+            index_elements=[cursor.c.key],
+            set_={"properties": many.excluded.properties, "updated_job_id": many.excluded.updated_job_id},
+            where=cursor.c.properties.is_distinct_from(many.excluded.properties),
+        )
+
         #: Save a cursor (``key``, ``properties_json``, ``job_id``): created even when ``{}``, updated (with
         #: ``updated_job_id``) only when the properties changed.
         ins = pg_insert(cursor).values(
@@ -313,8 +368,8 @@ class Statements:
             sa.func.pg_notify(sa.bindparam("channel", type_=sa.Text), sa.bindparam("payload", type_=sa.Text))
         )
 
-        #: Wake whoever serves the next job on cursor ``key``: one ``{"j", "t"}`` hint per queue that has a
-        #: pending job on it, on that queue's own channel.
+        #: Wake whoever serves the next job on cursors ``keys``: one ``{"j", "t"}`` hint per queue that has a
+        #: pending job on one of them, on that queue's own channel.
         successor = (
             sa.select(
                 job.c.queue,
@@ -322,7 +377,7 @@ class Statements:
                 sa.func.min(job.c.scheduled_time).label("scheduled_time"),
             )
             .where(job.c.state == self.pending)
-            .where(job.c.cursor_key == sa.bindparam("key", type_=sa.Text))
+            .where(job.c.cursor_key == sa.any_(sa.bindparam("keys", type_=pg.ARRAY(sa.Text))))
             .group_by(job.c.queue)
             .subquery("successor")
         )

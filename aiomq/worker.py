@@ -74,6 +74,18 @@ class _Outcome:
         self.save_cursor = save_cursor
 
 
+class _Record:
+    """An outcome ready to store: JSON already encoded and checked."""
+
+    __slots__ = ("cursor_json", "job", "result_json", "state")
+
+    def __init__(self, job: JobContext, state: str, result_json: str | None, cursor_json: str | None) -> None:
+        self.job = job
+        self.state = state
+        self.result_json = result_json
+        self.cursor_json = cursor_json
+
+
 class AsyncMQWorker:
     """Runs jobs of ``queues`` (``{name: handler}``) from a PostgreSQL database. See DESIGN §2."""
 
@@ -145,6 +157,8 @@ class AsyncMQWorker:
         self._jobs: dict[int, JobContext] = {}
         self._in_handler: dict[int, bool] = {}  # job id -> handler is sync
         self._limiter = anyio.CapacityLimiter(concurrency)
+        self._finishing: list[tuple[_Record, asyncio.Future[None]]] = []
+        self._finisher_wakeup: asyncio.Event = asyncio.Event()
 
     # ---------------------------------------------------------------- public lifecycle
 
@@ -257,6 +271,8 @@ class AsyncMQWorker:
         if self._listening is None:
             self._listening = asyncio.Event()
         restore = self._install_signals() if self.capture_signals and not until_idle else None
+        self._finisher_wakeup = asyncio.Event()
+        finisher = asyncio.create_task(self._finisher(), name=f"aiomq finisher {self.name}")
         try:
             await self._check_schema()
             await self._connect(first=True)
@@ -277,6 +293,7 @@ class AsyncMQWorker:
             try:
                 await asyncio.shield(self._teardown())
             finally:
+                finisher.cancel()  # idle now: every job task waited for its outcome to be recorded
                 if restore is not None:
                     restore()
                 self._running = False
@@ -703,10 +720,9 @@ class AsyncMQWorker:
             return _Outcome(states.FAILED, self.result_from_error(ex), False)
         return _Outcome(states.COMPLETED, result, True)
 
-    async def _finish(self, job: JobContext, outcome: _Outcome) -> None:
-        """Record the outcome; retried until it commits or the worker is stopped."""
+    def _prepare(self, job: JobContext, outcome: _Outcome) -> _Record:
+        """Encode the outcome; what JSON or jsonb cannot store fails the job with an error saying why."""
         states = self.model.JobStates
-        result_json: str | None
         try:
             result_json = None if outcome.result is None else dump_json(outcome.result, "the job result")
             cursor_json = None
@@ -714,11 +730,117 @@ class AsyncMQWorker:
                 cursor_json = dump_json(job.cursor, "the job's cursor")
         except (TypeError, ValueError) as ex:
             log.error("job %s failed: %s", job.id, ex)
-            outcome = _Outcome(states.FAILED, None, False)
-            result_json = dump_json(error_result(ex), "error result")
-            cursor_json = None
+            return _Record(job, states.FAILED, dump_json(error_result(ex), "error result"), None)
         if job.cursor_key is None and job.cursor is not None:
             log.warning("job %s has no cursor_key: ignoring the cursor it set", job.id)
+        return _Record(job, outcome.state, result_json, cursor_json)
+
+    async def _finish(self, job: JobContext, outcome: _Outcome) -> None:
+        """Hand the outcome to the finisher, which records outcomes in batches, and wait until it did."""
+        done = asyncio.get_running_loop().create_future()
+        self._finishing.append((self._prepare(job, outcome), done))
+        self._finisher_wakeup.set()
+        await done
+
+    async def _finisher(self) -> None:
+        """Record finished jobs, as many per transaction as have finished meanwhile."""
+        while True:
+            await self._finisher_wakeup.wait()
+            self._finisher_wakeup.clear()
+            while self._finishing:
+                batch, self._finishing = self._finishing[:500], self._finishing[500:]
+                try:
+                    await self._finish_batch([record for record, _ in batch])
+                except Exception as ex:  # one bad outcome must not lose the others: record one by one
+                    log.warning(
+                        "recording %d jobs at once failed (%s); recording them one by one", len(batch), ex
+                    )
+                    for record, _ in batch:
+                        try:
+                            await self._finish_one(record)
+                        except Exception:  # never let the finisher die: jobs wait on it
+                            log.exception("could not record job %s", record.job.id)
+                for _, done in batch:
+                    if not done.done():
+                        done.set_result(None)
+
+    async def _finish_batch(self, records: list[_Record]) -> None:
+        """One transaction for many outcomes; retried while the error is retryable."""
+        by_id = {r.job.id: r for r in records}
+
+        async def op(conn: AsyncConnection) -> list[Any]:
+            rows = list(
+                await conn.execute(
+                    self._st.finish_many,
+                    {
+                        "ids": [r.job.id for r in records],
+                        "states": [r.state for r in records],
+                        "results": [r.result_json for r in records],
+                        "now": self.clock(),
+                    },
+                )
+            )
+            saves = [by_id[row.id] for row in rows if by_id[row.id].cursor_json is not None]
+            if saves:
+                await conn.execute(
+                    self._st.save_cursors,
+                    {
+                        "keys": [r.job.cursor_key for r in saves],
+                        "properties": [r.cursor_json for r in saves],
+                        "job_ids": [r.job.id for r in saves],
+                    },
+                )
+            for row in rows:
+                if row.has_listeners:
+                    record = by_id[row.id]
+                    result = None if record.result_json is None else json.loads(record.result_json)
+                    await self._emit_finished(conn, row, record.state, result)
+            keys = sorted({row.cursor_key for row in rows if row.cursor_key is not None})
+            if keys:
+                await conn.execute(self._st.notify_successors, {"keys": keys})
+            return rows
+
+        attempt = 0
+        while True:
+            try:
+                rows = await self._transaction(op)
+                break
+            except Exception as ex:
+                if not self.is_retryable_error(ex) or (
+                    self._stopping and attempt >= len(self.retry_intervals)
+                ):
+                    raise
+                delay = self._backoff(attempt)
+                log.warning("recording %d jobs failed (%s); retrying in %.1fs", len(records), ex, delay)
+                attempt += 1
+                await asyncio.sleep(delay)
+        recorded = {row.id for row in rows}
+        for record in records:
+            self._log_recorded(record, record.job.id in recorded)
+
+    async def _transaction(self, op: Callable[[AsyncConnection], Any]) -> Any:
+        async with self.engine.begin() as conn:
+            return await op(conn)
+
+    def _log_recorded(self, record: _Record, recorded: bool) -> None:
+        if not recorded:
+            log.warning(
+                "job %s finished (%s) but is no longer running or lost: outcome discarded",
+                record.job.id,
+                record.state,
+            )
+            return
+        log.info("finished job %s: %s", record.job.id, record.state)
+        if record.job.cursor_key is not None:
+            self._hint(self.clock())
+
+    async def _finish_one(self, record: _Record) -> None:
+        """Record one outcome; retried until it commits or the worker is stopped. If the database refuses
+        it for good, the job is failed with an error result saying why."""
+        states = self.model.JobStates
+        job = record.job
+        outcome = _Outcome(record.state, None, False)
+        result_json, cursor_json = record.result_json, record.cursor_json
 
         async def op(conn: AsyncConnection) -> bool:
             now = self.clock()
@@ -776,16 +898,7 @@ class AsyncMQWorker:
                     },
                     "error result",
                 )
-        if not recorded:
-            log.warning(
-                "job %s finished (%s) but is no longer running or lost: outcome discarded",
-                job.id,
-                outcome.state,
-            )
-            return
-        log.info("finished job %s: %s", job.id, outcome.state)
-        if job.cursor_key is not None:
-            self._hint(self.clock())
+        self._log_recorded(_Record(job, outcome.state, result_json, cursor_json), recorded)
 
     async def _job_finished(
         self,
@@ -798,19 +911,23 @@ class AsyncMQWorker:
     ) -> None:
         """In the state change's transaction: the finished event (if anyone listens), a hint for waiters,
         and one for whoever serves the cursor's next job."""
-        lost = state == self.model.JobStates.LOST
         if row.has_listeners:
-            name, data = finished_event(state, row, result=result, lost=lost)
-            async with AsyncSession(bind=conn) as session:
-                source = self.mq_source_factory(dbsession=session, model=self.model)
-                await source.emit_event(name, data, now=self.clock())
-                await session.flush()
+            await self._emit_finished(conn, row, state, result)
         await conn.execute(
             self._st.notify,
             {"channel": sql.FINISHED_CHANNEL, "payload": json.dumps({"j": row.id, "s": state})},
         )
         if cursor_key is not None:
-            await conn.execute(self._st.notify_successors, {"key": cursor_key})
+            await conn.execute(self._st.notify_successors, {"keys": [cursor_key]})
+
+    async def _emit_finished(self, conn: AsyncConnection, row: Any, state: str, result: Any) -> None:
+        """Emit ``mq.job_finished.<state>.<queue>.<method>`` through the source factory, in ``conn``."""
+        lost = state == self.model.JobStates.LOST
+        name, data = finished_event(state, row, result=result, lost=lost)
+        async with AsyncSession(bind=conn) as session:
+            source = self.mq_source_factory(dbsession=session, model=self.model)
+            await source.emit_event(name, data, now=self.clock())
+            await session.flush()
 
     async def _abandon(self, job: JobContext, *, sync: bool) -> None:
         """A handler was cancelled by stop(timeout): an async job goes back to pending, a sync one is lost."""
