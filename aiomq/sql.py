@@ -66,20 +66,17 @@ class Statements:
         # What a state change returns: enough for the job_finished event, and whether anyone listens to it
         # (so the common case of no listeners costs no extra round trip).
         listener = model.JobListener.__table__
-        event_name = (
-            sa.literal("mq.job_finished.", sa.Text)
-            + sa.cast(job.c.state, sa.Text)
-            + "."
-            + job.c.queue
-            + "."
-            + job.c.method
-        )
-        has_listeners = (
-            sa.exists()
-            .where(listener.c.event == event_name)
-            .where(listener.c.is_enabled == sa.true())
-            .label("has_listeners")
-        )
+
+        def listened(state: sa.ColumnElement[Any]) -> sa.Exists:
+            """Whether an enabled listener waits for this job's mq.job_finished.<state>... event."""
+            name = sa.literal("mq.job_finished.", sa.Text) + sa.cast(state, sa.Text) + "." + job.c.queue
+            return (
+                sa.exists()
+                .where(listener.c.event == name + "." + job.c.method)
+                .where(listener.c.is_enabled == sa.true())
+            )
+
+        has_listeners = listened(job.c.state).label("has_listeners")
         finished_columns = (
             job.c.id,
             job.c.queue,
@@ -206,6 +203,33 @@ class Statements:
             )
             .returning(*finished_columns, job.c.cursor_key, job.c.state)
             .cte("recorded")
+        )
+        #: The same for jobs without a cursor whose event nobody listens to: one statement, so it can run
+        #: in autocommit, in one round trip. Jobs it leaves out go through ``finish_many`` in a transaction.
+        plain = (
+            job.update()
+            .where(job.c.id == done.c.id)
+            .where(job.c.state.in_([running, lost]))
+            .where(job.c.cursor_key.is_(None))
+            .where(~listened(done.c.state))
+            .values(
+                state=sa.cast(done.c.state, job.c.state.type),
+                result=sa.cast(done.c.result, pg.JSONB),
+                end_time=sa.bindparam("now", type_=sa.DateTime),
+                lock_id=None,
+            )
+            .returning(job.c.id, job.c.state)
+            .cte("recorded")
+        )
+        self.finish_plain = sa.select(
+            plain.c.id,
+            sa.func.pg_notify(
+                sa.literal(FINISHED_CHANNEL, sa.Text),
+                sa.cast(
+                    sa.func.json_build_object("j", plain.c.id, "s", sa.cast(plain.c.state, sa.Text)),
+                    sa.Text,
+                ),
+            ).label("notified"),
         )
         self.finish_many = sa.select(
             recorded,

@@ -18,7 +18,7 @@ import random
 import signal
 import socket
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -765,7 +765,49 @@ class AsyncMQWorker:
                         done.set_result(None)
 
     async def _finish_batch(self, records: list[_Record]) -> None:
-        """One transaction for many outcomes; retried while the error is retryable."""
+        """Record many outcomes: plain ones in one autocommit statement, the rest (cursor saves, events,
+        successors, and those the statement left out) in one transaction. Retried while retryable."""
+        plain = [r for r in records if r.job.cursor_key is None]
+        if plain:
+            rows = await self._retrying(len(plain), lambda: self._finish_plain(plain))
+            done = {row.id for row in rows}
+            for record in plain:
+                if record.job.id in done:
+                    self._log_recorded(record, True)
+            records = [r for r in records if r.job.id not in done]
+        if records:
+            await self._finish_in_transaction(records)
+
+    async def _finish_plain(self, records: list[_Record]) -> list[Any]:
+        async with self._autocommit.connect() as conn:
+            return list(
+                await conn.execute(
+                    self._st.finish_plain,
+                    {
+                        "ids": [r.job.id for r in records],
+                        "states": [r.state for r in records],
+                        "results": [r.result_json for r in records],
+                        "now": self.clock(),
+                    },
+                )
+            )
+
+    async def _retrying(self, count: int, op: Callable[[], Awaitable[Any]]) -> Any:
+        """``op()`` until it succeeds; retryable errors back off, others (and giving up at stop) raise."""
+        attempt = 0
+        while True:
+            try:
+                return await op()
+            except Exception as ex:
+                gave_up = self._stopping and attempt >= len(self.retry_intervals)
+                if gave_up or not self.is_retryable_error(ex):
+                    raise
+                delay = self._backoff(attempt)
+                log.warning("recording %d jobs failed (%s); retrying in %.1fs", count, ex, delay)
+                attempt += 1
+                await asyncio.sleep(delay)
+
+    async def _finish_in_transaction(self, records: list[_Record]) -> None:
         by_id = {r.job.id: r for r in records}
 
         async def op(conn: AsyncConnection) -> list[Any]:
@@ -800,20 +842,7 @@ class AsyncMQWorker:
                 await conn.execute(self._st.notify_successors, {"keys": keys})
             return rows
 
-        attempt = 0
-        while True:
-            try:
-                rows = await self._transaction(op)
-                break
-            except Exception as ex:
-                if not self.is_retryable_error(ex) or (
-                    self._stopping and attempt >= len(self.retry_intervals)
-                ):
-                    raise
-                delay = self._backoff(attempt)
-                log.warning("recording %d jobs failed (%s); retrying in %.1fs", len(records), ex, delay)
-                attempt += 1
-                await asyncio.sleep(delay)
+        rows = await self._retrying(len(records), lambda: self._transaction(op))
         recorded = {row.id for row in rows}
         for record in records:
             self._log_recorded(record, record.job.id in recorded)
