@@ -9,7 +9,7 @@ import inspect
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
 
 import sqlalchemy as sa
@@ -233,7 +233,10 @@ class AsyncMQSource:
         conflict_resolver: Callable[[Any], Any] | None,
         schedule_ids: Iterable[int] | None,
         listener_ids: Iterable[int] | None,
+        hints: dict[str, tuple[int, int]] | None = None,
     ) -> QueuedJob:
+        """Insert, or join the pending collapsible job of the slot. NOTIFY at once, or, given ``hints``,
+        collect the earliest ``t`` per queue there for the caller to send once."""
         Job = self.model.Job
         queue, method, cursor_key, when = (
             params["queue"],
@@ -245,7 +248,7 @@ class AsyncMQSource:
             row = (await session.execute(self._st.enqueue, params)).first()
             if row is not None:
                 await self._link(session, row.id, schedule_ids, listener_ids)
-                await self._notify(session, queue, {"j": row.id, "t": _epoch(when)})
+                await self._hint(session, hints, queue, row.id, when)
                 log.info("queued job %s (%s.%s, cursor_key=%s)", row.id, queue, method, cursor_key)
                 return QueuedJob(row.id, queue, method, cursor_key, row.scheduled_time, True)
             # A collapsible job is pending on this slot: join it. If it left pending between the two
@@ -276,9 +279,94 @@ class AsyncMQSource:
                     await outcome
             await session.flush()
             if moved:
-                await self._notify(session, queue, {"j": job.id, "t": _epoch(job.scheduled_time)})
+                await self._hint(session, hints, queue, job.id, job.scheduled_time)
             log.info("joined job %s (%s.%s, cursor_key=%s)", job.id, queue, method, cursor_key)
             return QueuedJob(job.id, queue, method, cursor_key, job.scheduled_time, False)
+
+    async def _hint(
+        self,
+        session: AsyncSession,
+        hints: dict[str, tuple[int, int]] | None,
+        queue: str,
+        job_id: int,
+        when: datetime.datetime,
+    ) -> None:
+        if hints is None:
+            await self._notify(session, queue, {"j": job_id, "t": _epoch(when)})
+        else:  # one NOTIFY per queue later, for its earliest job
+            hints[queue] = min(hints.get(queue, (_epoch(when), job_id)), (_epoch(when), job_id))
+
+    async def call_many(self, calls: Iterable[Mapping[str, Any]]) -> list[QueuedJob]:
+        """Enqueue many jobs in few statements; returns one ``QueuedJob`` per call, in order.
+
+        Each call is a mapping of :meth:`call`'s arguments (``queue``, ``method``, and optionally ``args``
+        and the keyword arguments), with ``call``'s meaning item by item: cursors, collapsing, conflict
+        resolvers, provenance ids. Calls that share a collapse slot join the first of them. Jobs without
+        a collapse slot go in one multi-row INSERT; collapsing calls go one by one in (cursor_key, queue,
+        method) order, so two concurrent batches lock their slots in the same order and cannot deadlock.
+        At most one NOTIFY per queue is sent for the whole batch. Everything is validated first: one bad
+        call raises (naming its position) before any SQL.
+        """
+        planned: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        for index, call in enumerate(calls):
+            kw = dict(call)
+            unknown = set(kw) - _CALL_MANY_KEYS
+            if unknown or "queue" not in kw or "method" not in kw:
+                raise TypeError(
+                    f"call {index}: needs queue and method, and only call()'s arguments; "
+                    f"unknown: {sorted(unknown)}"
+                )
+            queue, method, args = kw.pop("queue"), kw.pop("method"), kw.pop("args", None)
+            kw["schedule_ids"], kw["listener_ids"] = (
+                _ids(kw.get("schedule_ids")),
+                _ids(kw.get("listener_ids")),
+            )
+            try:
+                params = self._call_params(queue, method, args, **kw)
+            except (TypeError, ValueError) as ex:
+                raise type(ex)(f"call {index}: {ex}") from ex
+            planned.append((params, kw))
+        results: list[QueuedJob | None] = [None] * len(planned)
+        hints: dict[str, tuple[int, int]] = {}
+        bulk = [i for i, (p, kw) in enumerate(planned) if _bulk_insertable(p, kw)]
+        rest = sorted(
+            (i for i, (p, kw) in enumerate(planned) if not _bulk_insertable(p, kw)),
+            key=lambda i: (
+                planned[i][0]["cursor_key"] or "",
+                planned[i][0]["queue"],
+                planned[i][0]["method"],
+                i,
+            ),
+        )
+        async with self._session() as session:
+            if bulk:
+                rows = list(
+                    await session.execute(
+                        self._st.enqueue_many,
+                        {column: [planned[i][0][key] for i in bulk] for column, key in _BULK_COLUMNS.items()},
+                    )
+                )
+                # ids come from the sequence in insertion order, and rows are inserted in call order
+                for i, row in zip(bulk, sorted(rows, key=lambda r: r.id), strict=True):
+                    p = planned[i][0]
+                    results[i] = QueuedJob(
+                        row.id, p["queue"], p["method"], p["cursor_key"], row.scheduled_time, True
+                    )
+                    await self._hint(session, hints, p["queue"], row.id, row.scheduled_time)
+            for i in rest:
+                params, kw = planned[i]
+                results[i] = await self._enqueue(
+                    session,
+                    params,
+                    conflict_resolver=kw.get("conflict_resolver"),
+                    schedule_ids=kw.get("schedule_ids"),
+                    listener_ids=kw.get("listener_ids"),
+                    hints=hints,
+                )
+            for queue, (t, job_id) in sorted(hints.items()):
+                await self._notify(session, queue, {"j": job_id, "t": t})
+        log.info("queued %d calls in one batch", len(planned))
+        return [r for r in results if r is not None]
 
     async def _link(
         self,
@@ -729,6 +817,49 @@ class AsyncMQSource:
         if row is None:
             raise LookupError(f"cannot find {what}", row_id)
         return row
+
+
+_CALL_MANY_KEYS = frozenset(
+    {
+        "queue",
+        "method",
+        "args",
+        "when",
+        "now",
+        "cursor_key",
+        "collapse_on_cursor",
+        "conflict_resolver",
+        "trace",
+        "job_kwargs",
+        "schedule_ids",
+        "listener_ids",
+    }
+)
+# enqueue_many's array parameters and the call parameters they come from
+_BULK_COLUMNS = {
+    "created": "created_time",
+    "scheduled": "scheduled_time",
+    "queues": "queue",
+    "methods": "method",
+    "cursor_keys": "cursor_key",
+    "args": "args_json",
+    "traces": "trace_json",
+}
+
+
+def _slot(params: dict[str, Any]) -> tuple[str, str, str]:
+    """The lock order of collapsing calls in a batch: (cursor_key, queue, method)."""
+    return (params["cursor_key"] or "", params["queue"], params["method"])
+
+
+def _bulk_insertable(params: dict[str, Any], kw: dict[str, Any]) -> bool:
+    """A call the multi-row INSERT can take: no collapse slot, no extra columns, no link rows."""
+    return (
+        not params["collapsible"]
+        and not kw.get("job_kwargs")
+        and not kw.get("schedule_ids")
+        and not (kw.get("listener_ids"))
+    )
 
 
 def _ids(ids: Iterable[int] | None) -> list[int] | None:

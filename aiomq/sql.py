@@ -102,6 +102,52 @@ class Statements:
             .returning(job.c.id, job.c.scheduled_time)
         )
 
+        #: Enqueue many non-collapsible jobs in one statement (arrays ``created``, ``scheduled``, ``queues``,
+        #: ``methods``, ``cursor_keys``, ``args`` and ``traces`` as JSON text), inserted in array order.
+        batch = (
+            sa.func.unnest(
+                sa.bindparam("created", type_=pg.ARRAY(sa.DateTime)),
+                sa.bindparam("scheduled", type_=pg.ARRAY(sa.DateTime)),
+                sa.bindparam("queues", type_=pg.ARRAY(sa.Text)),
+                sa.bindparam("methods", type_=pg.ARRAY(sa.Text)),
+                sa.bindparam("cursor_keys", type_=pg.ARRAY(sa.Text)),
+                sa.bindparam("args", type_=pg.ARRAY(sa.Text)),
+                sa.bindparam("traces", type_=pg.ARRAY(sa.Text)),
+            )
+            .table_valued(
+                "created", "scheduled", "queue", "method", "cursor_key", "args", "trace", with_ordinality="n"
+            )
+            .render_derived(name="batch", with_types=False)
+        )
+        self.enqueue_many = (
+            pg_insert(job)
+            .from_select(
+                [
+                    "state",
+                    "created_time",
+                    "scheduled_time",
+                    "queue",
+                    "method",
+                    "cursor_key",
+                    "collapsible",
+                    "args",
+                    "trace",
+                ],
+                sa.select(
+                    self.pending,
+                    batch.c.created,
+                    batch.c.scheduled,
+                    batch.c.queue,
+                    batch.c.method,
+                    batch.c.cursor_key,
+                    sa.false(),
+                    sa.cast(batch.c.args, pg.JSONB),
+                    sa.cast(batch.c.trace, pg.JSONB),
+                ).order_by(batch.c.n),
+            )
+            .returning(job.c.id, job.c.scheduled_time)
+        )
+
         #: Claim up to ``limit`` due jobs of ``queues`` at ``now`` for worker ``name`` holding ``lock_id``.
         #: SKIP LOCKED lets workers claim side by side; the first CTE locks candidates in due order, and the
         #: window (not allowed beside FOR UPDATE, hence the second step) keeps one job per cursor. A claim
