@@ -29,11 +29,30 @@ _KEEPALIVE_SETTINGS = {
 }
 
 
+# Query keys of a SQLAlchemy asyncpg URL that are connect() arguments, not libpq settings: left in a
+# libpq URL, asyncpg would send them to the server as (unknown) run-time settings.
+_ASYNCPG_ONLY = frozenset(
+    {
+        "prepared_statement_cache_size",
+        "statement_cache_size",
+        "max_cached_statement_lifetime",
+        "max_cacheable_statement_size",
+        "command_timeout",
+        "timeout",
+        "prepared_statement_name_func",
+    }
+)
+
+
 def libpq_dsn(url: str | sa.URL) -> str:
-    """A URL asyncpg accepts: ``postgresql+asyncpg://`` becomes ``postgresql://``, password kept."""
+    """A URL asyncpg's connect() accepts: ``postgresql+asyncpg://`` becomes ``postgresql://``, password
+    kept, SQLAlchemy's ``ssl`` spelled ``sslmode``, asyncpg-only options dropped."""
     if isinstance(url, str):
         url = sa.make_url(url)
-    return url.set(drivername="postgresql").render_as_string(hide_password=False)
+    query = {k: v for k, v in url.query.items() if k not in _ASYNCPG_ONLY}
+    if "ssl" in query and "sslmode" not in query and isinstance(query["ssl"], str):
+        query["sslmode"] = query.pop("ssl")
+    return url.set(drivername="postgresql", query=query).render_as_string(hide_password=False)
 
 
 def _set_client_keepalive(conn: Any) -> None:

@@ -152,6 +152,8 @@ class AsyncMQWorker:
         # predate a finish or a hint).
         self._settled = 0
         self._hints = 0
+        self._db_next_due: datetime.datetime | None = None
+        self._hinted_during_refresh = False
         self._next_schedule: datetime.datetime | None = None
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._jobs: dict[int, JobContext] = {}
@@ -322,10 +324,14 @@ class AsyncMQWorker:
             settled = self._settled
             if free > 0 and (until_idle or self._is_due()):
                 claimed = await self._claim(free)
-                if claimed == 0 and self._is_due():
-                    # Due jobs exist but are locked (another worker's claim or a caller's FOR UPDATE):
-                    # look again shortly instead of spinning.
-                    self._next_due = self.clock() + datetime.timedelta(seconds=0.05)
+                if claimed == 0 and self._is_due() and not self._hinted_during_refresh:
+                    db_due = self._db_next_due
+                    if db_due is not None and db_due <= self.clock():
+                        # Due jobs exist but are locked (another worker's claim, a caller's FOR UPDATE):
+                        # look again shortly instead of spinning.
+                        self._next_due = self.clock() + datetime.timedelta(seconds=0.05)
+                    else:  # an early hint (NOTIFY times are whole seconds): the database knows better
+                        self._next_due = db_due
             if until_idle and claimed == 0 and not self._tasks and self._settled == settled:
                 return  # (a job that finished during the claim may have freed a cursor: claim again)
             delay = next_maintenance - loop.time()
@@ -654,13 +660,16 @@ class AsyncMQWorker:
         """Ask the database when the next job becomes claimable (None: wait for a hint)."""
         hints = self._hints
         value: datetime.datetime | None = None
+        self._db_next_due = None
         try:
             async with self._autocommit.connect() as conn:
                 value = await conn.scalar(self._st.next_due, {"queues": self.queues})
         except Exception as ex:
             log.warning("could not read the next due time (%s); polling every %ss", ex, self.timeout)
         # A hint that arrived while the query ran is newer than its answer: keep the earlier of the two.
-        hinted = self._next_due if self._hints != hints else None
+        self._hinted_during_refresh = self._hints != hints
+        hinted = self._next_due if self._hinted_during_refresh else None
+        self._db_next_due = value
         self._next_due = min((t for t in (value, hinted) if t is not None), default=None)
 
     def _start(self, job: JobContext, scheduled: datetime.datetime, now: datetime.datetime) -> None:

@@ -1,0 +1,808 @@
+"""The ``aiomq`` command: run a worker, print or create the schema, inspect and manage jobs, run the demo.
+
+    aiomq worker --database-url URL myapp.jobs:QUEUES
+    aiomq schema [--create]
+    aiomq jobs [--queue Q] [--state S] [--cursor K] [--limit N]
+    aiomq job ID | retry ID | cancel ID
+    aiomq demo [--jobs N] [--no-progress]
+
+Every option can also come from an ``AIOMQ_*`` environment variable (``--database-url`` from
+``AIOMQ_DATABASE_URL``, ``--concurrency`` from ``AIOMQ_CONCURRENCY``, ...). Failures print one line,
+``aiomq: error: ...``, and exit 2 for bad usage, 1 otherwise (``--log-level DEBUG`` adds the traceback).
+This module is the only place aiomq configures logging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import datetime
+import importlib
+import inspect
+import json
+import logging
+import os
+import re
+import sys
+import traceback
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Any, NoReturn
+
+import asyncpg
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql as pg
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from . import __version__
+from .errors import SchemaMissingError
+from .model import Model, make_default_model
+from .records import JobInfo
+from .source import AsyncMQSource
+from .worker import AsyncMQWorker
+
+__all__ = [
+    "CliError",
+    "DatabaseURL",
+    "UsageError",
+    "check_connection",
+    "create_schema",
+    "main",
+    "make_engine",
+    "model_tables",
+    "parse_database_url",
+    "schema_ddl",
+]
+
+log = logging.getLogger(__name__)
+
+ENV_PREFIX = "AIOMQ_"
+CONNECT_TIMEOUT = 10.0
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# asyncpg.connect() keywords that SQLAlchemy reads from a postgresql+asyncpg URL's query but that mean
+# nothing (or something else: a server setting) in a libpq URL.
+_ASYNCPG_ONLY = frozenset(
+    {
+        "prepared_statement_cache_size",
+        "statement_cache_size",
+        "max_cached_statement_lifetime",
+        "max_cacheable_statement_size",
+        "command_timeout",
+        "timeout",
+    }
+)
+
+
+class CliError(Exception):
+    """A failure reported as one line on stderr; ``code`` is the exit status."""
+
+    code = 1
+
+
+class UsageError(CliError):
+    """Bad arguments: exit status 2, as argparse uses."""
+
+    code = 2
+
+
+# ---------------------------------------------------------------- database URLs and engines
+
+
+@dataclasses.dataclass(frozen=True)
+class DatabaseURL:
+    """A database URL in the two forms aiomq needs.
+
+    ``url`` is the SQLAlchemy ``postgresql+asyncpg`` URL of the engine; ``dsn`` the libpq URL for asyncpg's
+    own connections (the worker's listener). A libpq URL (``postgresql://``) is parsed by asyncpg itself,
+    so its libpq query parameters (``sslmode``, ``host`` for a socket directory, ...) mean what they mean
+    to psql; a ``postgresql+asyncpg://`` URL keeps SQLAlchemy's meaning (``?ssl=require``).
+    """
+
+    url: sa.URL
+    dsn: str
+    libpq: bool
+    connect_timeout: float
+
+    def __str__(self) -> str:
+        return self.url.set(drivername="postgresql").render_as_string(hide_password=True)
+
+
+def _redact(raw: str) -> str:
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", raw)
+
+
+def parse_database_url(raw: str) -> DatabaseURL:
+    """Accept ``postgresql://`` (libpq), ``postgres://`` and ``postgresql+asyncpg://`` URLs."""
+    raw = raw.strip()
+    if not raw:
+        raise UsageError("the database URL is empty")
+    try:
+        url = sa.make_url(raw)
+    except (sa.exc.ArgumentError, ValueError) as ex:
+        raise UsageError(
+            f"invalid database URL {_redact(raw)!r} ({_one_line(ex)}): "
+            "expected postgresql://user:password@host:port/database"
+        ) from ex
+    backend, _, driver = url.drivername.partition("+")
+    if backend not in ("postgresql", "postgres"):
+        raise UsageError(
+            f"unsupported database URL scheme {url.drivername!r}: "
+            "use postgresql://... or postgresql+asyncpg://..."
+        )
+    # Another driver's URL (a psycopg2_mq configuration) carries libpq parameters: read it as libpq.
+    libpq = driver != "asyncpg"
+    query = dict(url.query)
+    timeout = CONNECT_TIMEOUT
+    key = "connect_timeout" if libpq else "timeout"
+    if key in query:
+        try:
+            timeout = float(str(query[key])) or CONNECT_TIMEOUT  # libpq: 0 means "wait forever"
+        except ValueError:
+            raise UsageError(f"invalid {key} in the database URL: {query[key]!r}") from None
+    if libpq:
+        # asyncpg would send connect_timeout to the server as a setting; it is the connect timeout here.
+        query.pop("connect_timeout", None)
+        dsn_query = query
+    else:
+        dsn_query = {k: v for k, v in query.items() if k not in _ASYNCPG_ONLY}
+        if isinstance(dsn_query.get("ssl"), str):  # a libpq URL spells it sslmode
+            dsn_query["sslmode"] = dsn_query.pop("ssl")
+    engine_url = url.set(drivername="postgresql+asyncpg", query=query)
+    dsn = url.set(drivername="postgresql", query=dsn_query).render_as_string(hide_password=False)
+    return DatabaseURL(url=engine_url, dsn=dsn, libpq=libpq, connect_timeout=timeout)
+
+
+def make_engine(db: DatabaseURL, **kw: Any) -> AsyncEngine:
+    """An asyncpg engine on ``db``, failing within ``db.connect_timeout`` when the server does not answer."""
+    if db.libpq:
+
+        async def connect() -> Any:
+            return await asyncpg.connect(db.dsn, timeout=db.connect_timeout)
+
+        return create_async_engine(db.url, async_creator=connect, **kw)
+    connect_args = {} if "timeout" in db.url.query else {"timeout": db.connect_timeout}
+    return create_async_engine(db.url, connect_args=connect_args, **kw)
+
+
+async def check_connection(engine: AsyncEngine, db: DatabaseURL) -> None:
+    """Connect once, so an unreachable server is one clear error instead of the worker's retries."""
+    try:
+        async with engine.connect() as conn:
+            await conn.execute(sa.text("SELECT 1"))
+    except Exception as ex:  # refused, unknown host, bad credentials, bad URL parameters: "cannot connect"
+        raise CliError(f"cannot connect to the database {db}: {_reason(ex)}") from ex
+
+
+async def check_schema(engine: AsyncEngine, model: Model) -> None:
+    preparer = engine.dialect.identifier_preparer
+    async with engine.connect() as conn:
+        for table in model_tables(model):
+            if await conn.scalar(sa.select(sa.func.to_regclass(preparer.format_table(table)))) is None:
+                raise SchemaMissingError(table.fullname)
+
+
+# ---------------------------------------------------------------- schema
+
+
+def model_tables(model: Model) -> list[sa.Table]:
+    """The model's own tables, in creation order (a model's metadata may hold an application's tables too)."""
+    classes = [
+        model.Job,
+        model.Lock,
+        model.JobCursor,
+        model.JobListener,
+        model.JobSchedule,
+        model.JobListenerLink,
+        model.JobScheduleLink,
+    ]
+    mine = {cls.__table__ for cls in classes if cls is not None}
+    return [t for t in model.Job.__table__.metadata.sorted_tables if t in mine]
+
+
+def schema_ddl(model: Model) -> str:
+    """The statements ``create_all`` runs on an empty database, compiled for PostgreSQL."""
+    statements: list[str] = []
+
+    def collect(statement: Any, *multiparams: Any, **params: Any) -> None:
+        statements.append(str(statement.compile(dialect=mock.dialect)).strip())
+
+    mock = sa.create_mock_engine(sa.make_url("postgresql://"), collect)
+    tables = model_tables(model)
+    tables[0].metadata.create_all(mock, tables=tables, checkfirst=False)
+    # Each table's indexes come out in set order: sort them so the output is the same on every run.
+    ordered: list[str] = []
+    indexes: list[str] = []
+    for statement in [*statements, ""]:
+        if re.match(r"CREATE (UNIQUE )?INDEX ", statement):
+            indexes.append(statement)
+            continue
+        ordered += sorted(indexes, key=lambda s: s.split(" ON ")[0].split()[-1])
+        indexes = []
+        ordered.append(statement)
+    text = "".join(f"{s};\n\n" for s in ordered if s)
+    return "\n".join(line.rstrip() for line in text.splitlines()).rstrip() + "\n"
+
+
+def _describe_ddl(element: Any) -> tuple[str, str, str | None]:
+    """(kind, name, table) of a DDL statement."""
+    target = element.element
+    if isinstance(element, sa.schema.CreateTable):
+        return "table", target.name, None
+    if isinstance(element, sa.schema.CreateIndex):
+        return "index", str(target.name), target.table.name
+    if isinstance(element, pg.CreateEnumType):
+        return "type", target.name, None
+    return type(element).__name__, str(getattr(target, "name", "")), None
+
+
+async def create_schema(engine: AsyncEngine, model: Model) -> list[tuple[str, str, str | None]]:
+    """Create the model's missing types, tables and indexes; return them as (kind, name, table)."""
+    tables = model_tables(model)
+
+    def create(conn: sa.Connection) -> list[tuple[str, str, str | None]]:
+        created: list[tuple[str, str, str | None]] = []
+
+        def record(conn: sa.Connection, element: Any, *args: Any) -> None:
+            if isinstance(element, sa.schema.ExecutableDDLElement):
+                created.append(_describe_ddl(element))
+
+        # Two concurrent creators would both see a table missing and one would fail: take turns.
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('aiomq schema --create'))"))
+        sa.event.listen(conn, "before_execute", record)
+        try:
+            existing = {t.name for t in tables if sa.inspect(conn).has_table(t.name, schema=t.schema)}
+            tables[0].metadata.create_all(conn, tables=tables, checkfirst=True)
+            # Tables made by psycopg2_mq lack aiomq's own indexes; create_all skips existing tables.
+            for table in tables:
+                if table.name in existing:
+                    for index in sorted(table.indexes, key=lambda i: str(i.name)):
+                        index.create(conn, checkfirst=True)
+        finally:
+            sa.event.remove(conn, "before_execute", record)
+        return created
+
+    async with engine.begin() as conn:
+        return await conn.run_sync(create)
+
+
+# ---------------------------------------------------------------- argument parsing
+
+
+class _EnvValue(str):
+    """A default read from the environment; type errors then name the variable."""
+
+    var = ""
+
+
+def _env(option: str, fallback: str | None = None) -> str | None:
+    var = ENV_PREFIX + option.upper().replace("-", "_")
+    value = os.environ.get(var)
+    if not value:
+        return fallback
+    env_value = _EnvValue(value)
+    env_value.var = var
+    return env_value
+
+
+def _origin(value: str) -> str:
+    return f" (from {value.var})" if isinstance(value, _EnvValue) else ""
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}{_origin(value)}")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = 0.0
+    if not number > 0 or number == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}{_origin(value)}")
+    return number
+
+
+def _log_level(value: str) -> str:
+    level = value.upper()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(
+            f"expected one of {', '.join(LOG_LEVELS)}, got {value!r}{_origin(value)}"
+        )
+    return level
+
+
+def _job_id(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a job id is a number, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"a job id is a positive number, got {value!r}")
+    return number
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line instead of argparse's usage block: the same shape as every other aiomq error.
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """--database-url and --log-level, accepted before and after the command.
+
+    On the commands their default is SUPPRESS, so an option given before the command (or its environment
+    variable, read by the top-level parser) is not overwritten by the command's default.
+    """
+    parser.add_argument(
+        "--database-url",
+        metavar="URL",
+        default=_env("database-url") if top else argparse.SUPPRESS,
+        help="postgresql://user:password@host:port/db or postgresql+asyncpg://... (env AIOMQ_DATABASE_URL)",
+    )
+    parser.add_argument(
+        "--log-level",
+        type=_log_level,
+        metavar="LEVEL",
+        default=_env("log-level") if top else argparse.SUPPRESS,
+        help="DEBUG, INFO, WARNING, ERROR; DEBUG also prints tracebacks "
+        "(default: INFO for worker, WARNING otherwise; env AIOMQ_LOG_LEVEL)",
+    )
+
+
+def _model_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        metavar="MODULE:ATTR",
+        default=_env("model"),
+        help="an aiomq.Model (or a callable returning one) for custom tables; "
+        "default: make_default_model (env AIOMQ_MODEL)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="aiomq",
+        description="An asyncio job queue on PostgreSQL (psycopg2_mq compatible).",
+        epilog="Every option also reads an AIOMQ_* environment variable, e.g. AIOMQ_DATABASE_URL.",
+    )
+    parser.add_argument("--version", action="version", version=f"aiomq {__version__}")
+    _common(parser, top=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    worker = commands.add_parser("worker", help="run a worker for the queues of MODULE:ATTR")
+    worker.add_argument(
+        "queues",
+        nargs="?",
+        metavar="MODULE:ATTR",
+        default=_env("queues"),
+        help="a dict {queue: handler}, or a callable returning one (env AIOMQ_QUEUES)",
+    )
+    worker.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        default=_env("concurrency", "10"),
+        help="most jobs in flight at once (default 10; env AIOMQ_CONCURRENCY)",
+    )
+    worker.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=_env("timeout", "60"),
+        metavar="SECONDS",
+        help="seconds between maintenance passes (lost jobs, schedules) (default 60; env AIOMQ_TIMEOUT)",
+    )
+    worker.add_argument("--name", default=_env("name"), help="worker name (default host.pid; env AIOMQ_NAME)")
+    _model_option(worker)
+    _common(worker, top=False)
+    worker.set_defaults(func=_cmd_worker, default_log_level="INFO")
+
+    schema = commands.add_parser("schema", help="print the schema's DDL, or create the missing tables")
+    schema.add_argument(
+        "--create", action="store_true", help="create missing types, tables and indexes (needs a URL)"
+    )
+    _model_option(schema)
+    _common(schema, top=False)
+    schema.set_defaults(func=_cmd_schema)
+
+    jobs = commands.add_parser("jobs", help="list jobs, newest first")
+    jobs.add_argument("--queue", default=_env("queue"), help="only this queue (env AIOMQ_QUEUE)")
+    jobs.add_argument("--method", default=_env("method"), help="only this method (env AIOMQ_METHOD)")
+    jobs.add_argument(
+        "--state", default=_env("state"), help="pending, running, completed, ... (env AIOMQ_STATE)"
+    )
+    jobs.add_argument(
+        "--cursor", default=_env("cursor"), metavar="KEY", help="only this cursor_key (env AIOMQ_CURSOR)"
+    )
+    jobs.add_argument(
+        "--limit",
+        type=_positive_int,
+        default=_env("limit", "50"),
+        help="at most N jobs (default 50; env AIOMQ_LIMIT)",
+    )
+    _model_option(jobs)
+    _common(jobs, top=False)
+    jobs.set_defaults(func=_cmd_jobs)
+
+    for name, func, text in (
+        ("job", _cmd_job, "show one job in full"),
+        ("retry", _cmd_retry, "enqueue a new job like job ID; prints the new id"),
+        ("cancel", _cmd_cancel, "cancel a pending or failed job"),
+    ):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("id", type=_job_id, metavar="ID")
+        _model_option(command)
+        _common(command, top=False)
+        command.set_defaults(func=func)
+
+    demo = commands.add_parser(
+        "demo", help="a worker and a source on a real (or embedded) database, with live progress"
+    )
+    demo.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=_env("jobs", "200"),
+        help="plain jobs to run (default 200; env AIOMQ_JOBS)",
+    )
+    demo.add_argument(
+        "--no-progress", action="store_true", help="plain progress lines instead of a progress bar"
+    )
+    _common(demo, top=False)
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+# ---------------------------------------------------------------- loading MODULE:ATTR
+
+
+def load_object(spec: str, what: str) -> Any:
+    """Import ``module:attr`` (attr may be dotted)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise UsageError(f"{what} must be MODULE:ATTR (e.g. myapp.jobs:QUEUES), got {spec!r}")
+    # As `python -m` and uvicorn do: a module in the current directory imports with the `aiomq` script too.
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as ex:
+        if isinstance(ex, ModuleNotFoundError) and ex.name is not None and module_name.startswith(ex.name):
+            raise CliError(f"cannot import {what} {spec!r}: no module named {ex.name!r}") from ex
+        raise CliError(f"cannot import {what} {spec!r}: {type(ex).__name__}: {_one_line(ex)}") from ex
+    except Exception as ex:  # the module itself raised while importing
+        raise CliError(
+            f"importing module {module_name!r} failed: {type(ex).__name__}: {_one_line(ex)}"
+        ) from ex
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise CliError(
+                f"cannot load {what} {spec!r}: {module_name!r} has no attribute {attr!r}"
+            ) from None
+    return obj
+
+
+async def load_queues(spec: str) -> Mapping[str, Any]:
+    obj = load_object(spec, "queues")
+    if not isinstance(obj, Mapping) and callable(obj):
+        try:
+            obj = obj()
+            if inspect.isawaitable(obj):
+                obj = await obj
+        except Exception as ex:
+            raise CliError(f"calling {spec} failed: {type(ex).__name__}: {_one_line(ex)}") from ex
+    if not isinstance(obj, Mapping):
+        raise CliError(
+            f"{spec} must be a dict {{queue: handler}} or a callable returning one, got {type(obj).__name__}"
+        )
+    if not obj:
+        raise CliError(f"{spec} names no queue")
+    return obj
+
+
+def load_model(spec: str | None) -> Model:
+    if spec is None:
+        return make_default_model(sa.MetaData())
+    obj = load_object(spec, "model")
+    if not isinstance(obj, Model) and callable(obj):
+        try:
+            obj = obj()
+        except Exception as ex:
+            raise CliError(f"calling {spec} failed: {type(ex).__name__}: {_one_line(ex)}") from ex
+    if not isinstance(obj, Model):
+        raise CliError(f"{spec} must be an aiomq.Model or a callable returning one, got {type(obj).__name__}")
+    return obj
+
+
+# ---------------------------------------------------------------- commands
+
+
+def _database(args: argparse.Namespace, why: str = "") -> DatabaseURL:
+    raw = getattr(args, "database_url", None)
+    if not raw:
+        raise UsageError(f"no database URL{why}: pass --database-url or set AIOMQ_DATABASE_URL")
+    return parse_database_url(raw)
+
+
+@contextlib.asynccontextmanager
+async def _connected(
+    args: argparse.Namespace, model: Model, **engine_kw: Any
+) -> AsyncIterator[tuple[AsyncEngine, DatabaseURL]]:
+    db = _database(args)
+    engine = make_engine(db, **engine_kw)
+    try:
+        await check_connection(engine, db)
+        yield engine, db
+    finally:
+        await engine.dispose()
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    if not args.queues:
+        raise UsageError("worker needs MODULE:ATTR naming its queues (or AIOMQ_QUEUES)")
+    return asyncio.run(_worker(args))
+
+
+async def _worker(args: argparse.Namespace) -> int:
+    model = load_model(args.model)
+    queues = await load_queues(args.queues)
+    db = _database(args)
+    # Claims and finishes each hold a pooled connection briefly; room for one per job in flight.
+    engine = make_engine(db, pool_size=5, max_overflow=max(10, args.concurrency))
+    try:
+        worker = AsyncMQWorker(  # validates the handlers and options before any connection
+            engine=engine,
+            queues=queues,
+            model=model,
+            concurrency=args.concurrency,
+            timeout=args.timeout,
+            name=args.name,
+            listener_dsn=db.dsn,
+            capture_signals=True,
+        )
+        # The worker retries an unreachable database for a minute and more; at start that is a mistake
+        # in the URL far more often than an outage, so say so at once. A missing schema never fixes itself.
+        await check_connection(engine, db)
+        await check_schema(engine, model)
+        await worker.run()
+    finally:
+        await engine.dispose()
+    return 0
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    model = load_model(args.model)
+    if not args.create:
+        sys.stdout.write(schema_ddl(model))
+        return 0
+    return asyncio.run(_schema_create(args, model))
+
+
+async def _schema_create(args: argparse.Namespace, model: Model) -> int:
+    _database(args, " for --create")
+    async with _connected(args, model) as (engine, db):
+        created = await create_schema(engine, model)
+    if created:
+        print(describe_created(created))
+        print(f"the schema is complete in {db}")
+    else:
+        print(f"nothing to create: the schema is complete in {db}")
+    return 0
+
+
+def describe_created(created: Sequence[tuple[str, str, str | None]]) -> str:
+    """What create_schema made, one line per type or table (a new table's indexes counted on its line)."""
+    new_tables = {name for kind, name, _ in created if kind == "table"}
+    counts = {name: sum(1 for k, _, t in created if k == "index" and t == name) for name in new_tables}
+    lines = []
+    for kind, name, table in created:
+        if kind == "table":
+            n = counts[name]
+            lines.append(f"created table {name}" + (f" ({n} index{'es' if n > 1 else ''})" if n else ""))
+        elif kind == "index" and table in new_tables:
+            continue
+        else:
+            lines.append(f"created {kind} {name}" + (f" on {table}" if table else ""))
+    return "\n".join(lines)
+
+
+def _cmd_jobs(args: argparse.Namespace) -> int:
+    return asyncio.run(_jobs(args))
+
+
+async def _jobs(args: argparse.Namespace) -> int:
+    model = load_model(args.model)
+    states = _states(model)
+    if args.state is not None and args.state not in states:
+        raise UsageError(f"unknown state {args.state!r}: one of {', '.join(states)}")
+    async with _connected(args, model) as (engine, _):
+        jobs = await AsyncMQSource(engine=engine, model=model).find_jobs(
+            queue=args.queue, method=args.method, state=args.state, cursor_key=args.cursor, limit=args.limit
+        )
+    print(format_jobs(jobs, limit=args.limit))
+    return 0
+
+
+def _cmd_job(args: argparse.Namespace) -> int:
+    return asyncio.run(_job(args))
+
+
+async def _job(args: argparse.Namespace) -> int:
+    model = load_model(args.model)
+    async with _connected(args, model) as (engine, _):
+        try:
+            row = await AsyncMQSource(engine=engine, model=model).get_job(args.id)
+        except LookupError:
+            raise CliError(f"no job with id {args.id}") from None
+    print(format_job(row, model))
+    return 0
+
+
+def _cmd_retry(args: argparse.Namespace) -> int:
+    return asyncio.run(_retry(args))
+
+
+async def _retry(args: argparse.Namespace) -> int:
+    model = load_model(args.model)
+    async with _connected(args, model) as (engine, _):
+        try:
+            queued = await AsyncMQSource(engine=engine, model=model).retry_job(args.id)
+        except LookupError:
+            raise CliError(f"no job with id {args.id}") from None
+    print(queued.id)  # only the id: scripts read it
+    return 0
+
+
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    return asyncio.run(_cancel(args))
+
+
+async def _cancel(args: argparse.Namespace) -> int:
+    model = load_model(args.model)
+    async with _connected(args, model) as (engine, _):
+        try:
+            await AsyncMQSource(engine=engine, model=model).cancel_job(args.id)
+        except LookupError:
+            raise CliError(f"no job with id {args.id}") from None
+        except RuntimeError as ex:
+            state = ex.args[2] if len(ex.args) == 3 else None  # ("job is not in a valid state", id, state)
+            if state is None:
+                raise
+            raise CliError(
+                f"cannot cancel job {args.id}: it is {state}; only pending or failed jobs can be canceled"
+            ) from ex
+    print(f"canceled job {args.id}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from . import demo  # imports rich when present: only for this command
+
+    return demo.run(database_url=args.database_url, jobs=args.jobs, progress=not args.no_progress)
+
+
+# ---------------------------------------------------------------- output
+
+
+def _states(model: Model) -> list[str]:
+    st = model.JobStates
+    return [st.PENDING, st.RUNNING, st.COMPLETED, st.FAILED, st.CANCELED, st.LOST]
+
+
+def _time(value: datetime.datetime | None) -> str:
+    return "-" if value is None else value.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _cell(value: str | None, width: int = 32) -> str:
+    if value is None:
+        return "-"
+    text = "".join(c if c.isprintable() else "?" for c in value)  # a newline would break the table
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def format_jobs(jobs: Sequence[JobInfo], *, limit: int | None = None) -> str:
+    """A plain-text table, one job per line."""
+    if not jobs:
+        return "no jobs match"
+    header = ("ID", "QUEUE", "METHOD", "STATE", "CURSOR", "SCHEDULED", "START", "END", "WORKER")
+    rows = [
+        (
+            str(j.id),
+            _cell(j.queue),
+            _cell(j.method),
+            j.state,
+            _cell(j.cursor_key),
+            _time(j.scheduled_time),
+            _time(j.start_time),
+            _time(j.end_time),
+            _cell(j.worker, 40),
+        )
+        for j in jobs
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
+    more = f"; --limit {limit} reached" if limit is not None and len(jobs) >= limit else ""
+    lines.append(f"{len(jobs)} job{'s' if len(jobs) != 1 else ''}, newest first; times in UTC{more}")
+    return "\n".join(lines)
+
+
+def format_job(row: Any, model: Model) -> str:
+    """Every column of one job; JSON columns pretty-printed."""
+    mapper = sa.inspect(model.Job)
+    props = [(p.key, p.columns[0]) for p in mapper.column_attrs]
+    width = max(len(key) for key, _ in props) + 2
+    lines = []
+    for key, column in props:
+        value = getattr(row, key)
+        if isinstance(column.type, sa.JSON):
+            text = json.dumps(value, indent=2, ensure_ascii=False, default=str)
+            if "\n" in text:
+                lines.append(f"{key}:")
+                lines.extend("  " + line for line in text.splitlines())
+                continue
+        elif isinstance(value, datetime.datetime):
+            text = value.isoformat(sep=" ")
+        else:
+            text = "-" if value is None else str(value)
+        lines.append(f"{key + ':':<{width}}{text}")
+    if row.start_time is not None and row.end_time is not None:
+        lines.append(f"{'duration:':<{width}}{(row.end_time - row.start_time).total_seconds():.3f} s")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- errors and main
+
+
+def _one_line(ex: BaseException) -> str:
+    text = " ".join(str(ex).split())
+    return text[:500] if text else type(ex).__name__
+
+
+def _reason(ex: BaseException) -> str:
+    orig = ex.orig if isinstance(ex, sa.exc.DBAPIError) and ex.orig is not None else ex
+    return _one_line(orig)
+
+
+def _describe(ex: BaseException) -> tuple[int, str]:
+    if isinstance(ex, CliError):
+        return ex.code, _one_line(ex)
+    if isinstance(ex, SchemaMissingError | ValueError | TypeError | LookupError):
+        return 1, _one_line(ex)
+    if isinstance(ex, sa.exc.DBAPIError):
+        return 1, f"database error: {_reason(ex)}"
+    if isinstance(ex, OSError):  # the connection went away mid-command
+        return 1, f"database connection failed: {_one_line(ex)}"
+    return 1, f"{type(ex).__name__}: {_one_line(ex)}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``aiomq`` console script; returns the exit status."""
+    debug = False
+    try:
+        args = build_parser().parse_args(argv)
+        level = args.log_level or getattr(args, "default_log_level", "WARNING")
+        debug = level == "DEBUG"
+        logging.basicConfig(
+            level=level, stream=sys.stderr, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+        )
+        func: Callable[[argparse.Namespace], int] = args.func
+        return func(args)
+    except KeyboardInterrupt:
+        print("aiomq: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `aiomq jobs | head`: stop quietly, and keep Python from complaining at exit
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as ex:
+        code, message = _describe(ex)
+        if debug:
+            traceback.print_exc()
+        print(f"aiomq: error: {message}", file=sys.stderr)
+        return code
