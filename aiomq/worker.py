@@ -664,8 +664,9 @@ class AsyncMQWorker:
         try:
             async with self._autocommit.connect() as conn:
                 value = await conn.scalar(self._st.next_due, {"queues": self.queues})
-        except Exception as ex:
-            log.warning("could not read the next due time (%s); polling every %ss", ex, self.timeout)
+        except Exception as ex:  # (a dead pooled connection, say): look again soon rather than never
+            log.warning("reading the next due time failed (%s); looking again shortly", ex)
+            value = self.clock() + datetime.timedelta(seconds=self.retry_intervals[0])
         # A hint that arrived while the query ran is newer than its answer: keep the earlier of the two.
         self._hinted_during_refresh = self._hints != hints
         hinted = self._next_due if self._hinted_during_refresh else None
