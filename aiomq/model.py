@@ -158,6 +158,7 @@ def make_default_model(metadata: sa.MetaData, JobStates: type[JobStates] = JobSt
         job.c.queue,
         job.c.scheduled_time,
         job.c.created_time,
+        job.c.id,
         postgresql_where=job.c.state == sa.literal_column(_quote(states.PENDING)),
     )
 

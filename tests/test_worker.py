@@ -957,7 +957,7 @@ async def test_successor_starts_at_once_when_predecessor_finishes_during_next_du
         await asyncio.sleep(0.1)  # let y1's NOTIFY arrive first, too
 
     def after_execute(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if held.is_set() or worker is None or "min(mq_job.scheduled_time)" not in statement:
+        if held.is_set() or worker is None or "min(first_due.scheduled_time)" not in statement:
             return
         if worker.get_status()["active_jobs"]:
             conn.connection.dbapi_connection.run_async(hold_until_idle)
