@@ -1,0 +1,572 @@
+"""The scenarios: each measures aiomq and its raw asyncpg baseline on fresh scratch databases.
+
+Every scenario is an ``async def (ctx) -> Scenario`` registered in ``SCENARIOS``; ``ctx.results`` holds the
+scenarios already run, for the rows that compare with another scenario's figure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+from aiomq import AsyncMQSource
+
+from . import baseline
+from .common import QUEUE, SYNC_QUEUE, Row, count_states, fresh_database, make_model, median, preload
+from .wakeup_latency import measure as aiomq_wakeup_latency
+from .wakeup_latency import percentile
+
+__all__ = ["BULK_VARIANTS", "SCENARIOS", "Context", "Scenario", "Sizes"]
+
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    runs: int  # repeats of the cheap measurements (the median is reported)
+    drain_runs: int  # repeats of each drain
+    enqueue: int
+    bulk: int
+    drain: int
+    cursor_keys: int
+    backlog: tuple[int, int]
+    backlog_time_limit: float  # seconds; the big backlog's drain stops there if not done
+    rss_at: tuple[int, int]
+    latency_jobs: int
+    latency_runs: int
+    latency_spacing_ms: float = 10.0
+
+    @classmethod
+    def full(cls) -> Sizes:
+        return cls(
+            runs=3,
+            drain_runs=1,
+            enqueue=2_000,
+            bulk=5_000,
+            drain=20_000,
+            cursor_keys=1_000,
+            backlog=(5_000, 100_000),
+            backlog_time_limit=240,
+            rss_at=(10_000, 100_000),
+            latency_jobs=500,
+            latency_runs=3,
+        )
+
+    @classmethod
+    def quick(cls) -> Sizes:
+        return cls(
+            runs=3,
+            drain_runs=1,
+            enqueue=300,
+            bulk=1_000,
+            drain=3_000,
+            cursor_keys=1_000,
+            backlog=(2_000, 10_000),
+            backlog_time_limit=60,
+            rss_at=(2_000, 10_000),
+            latency_jobs=100,
+            latency_runs=1,
+        )
+
+
+@dataclasses.dataclass
+class Scenario:
+    key: str
+    title: str
+    params: dict[str, Any]
+    measurements: dict[str, Any]
+    rows: list[Row]
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "title": self.title,
+            "params": self.params,
+            "measurements": self.measurements,
+            "rows": [r.as_json() for r in self.rows],
+        }
+
+
+@dataclasses.dataclass
+class Context:
+    server: str  # a server URL; each measurement gets a scratch database on it
+    sizes: Sizes
+    results: dict[str, Scenario] = dataclasses.field(default_factory=dict)
+
+    def log(self, message: str) -> None:
+        print(f"  {message}", file=sys.stderr, flush=True)
+
+
+async def _repeat(
+    ctx: Context,
+    runs: int,
+    sides: Mapping[str, Callable[[], Awaitable[float]]],
+    label: Callable[[float], str],
+) -> dict[str, list[float]]:
+    """Run each side ``runs`` times, interleaved (a, b, a, b, ...), so drift hits both alike."""
+    out: dict[str, list[float]] = {name: [] for name in sides}
+    for run in range(runs):
+        for name, fn in sides.items():
+            value = await fn()
+            out[name].append(value)
+            ctx.log(f"{name} run {run + 1}: {label(value)}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------- 1. enqueue
+
+
+async def aiomq_single_enqueue(url: str, count: int, warmup: int = 20) -> float:
+    """``count`` ``AsyncMQSource(engine=...).call``: each its own transaction. Seconds."""
+    _, model = make_model()
+    engine = create_async_engine(url)
+    try:
+        source = AsyncMQSource(engine=engine, model=model)
+        for i in range(warmup):
+            await source.call(QUEUE, "noop", {"i": i})
+        start = time.perf_counter()
+        for i in range(count):
+            await source.call(QUEUE, "noop", {"i": i})
+        return time.perf_counter() - start
+    finally:
+        await engine.dispose()
+
+
+async def single_enqueue(ctx: Context) -> Scenario:
+    n = ctx.sizes.enqueue
+
+    async def side(fn: Callable[[str, int], Awaitable[float]]) -> float:
+        async with fresh_database(ctx.server) as url:
+            return n / await fn(url, n)
+
+    rates = await _repeat(
+        ctx,
+        ctx.sizes.runs,
+        {
+            "aiomq": lambda: side(aiomq_single_enqueue),
+            "raw": lambda: side(lambda url, n: baseline.single_enqueue(url, QUEUE, n)),
+        },
+        lambda v: f"{v:,.0f} jobs/s",
+    )
+    return Scenario(
+        "single_enqueue",
+        f"single enqueue, {n:,} calls",
+        {"jobs": n, "runs": ctx.sizes.runs},
+        {"jobs_per_s": rates},
+        [
+            Row(
+                "1 single enqueue",
+                f"{n:,} calls, 1 txn each",
+                "jobs/s",
+                median(rates["aiomq"]),
+                "asyncpg INSERT+NOTIFY txn",
+                median(rates["raw"]),
+            )
+        ],
+    )
+
+
+# ------------------------------------------------------------------------------------------- 2. bulk
+
+#: How aiomq enqueues ``count`` jobs in one transaction: ``(source on an AsyncSession, count)``. The
+#: harness opens the session and its transaction, and times up to the commit.
+BulkEnqueue = Callable[[AsyncMQSource, int], Awaitable[None]]
+
+
+async def bulk_calls(source: AsyncMQSource, count: int) -> None:
+    for i in range(count):
+        await source.call(QUEUE, "noop", {"i": i})
+
+
+async def bulk_call_many(source: AsyncMQSource, count: int) -> None:
+    await source.call_many([{"queue": QUEUE, "method": "noop", "args": {"i": i}} for i in range(count)])
+
+
+# Each variant gets a row of its own; a new way to enqueue in bulk is one function and one entry here.
+BULK_VARIANTS: dict[str, BulkEnqueue] = {
+    "call x N": bulk_calls,
+    "call_many": bulk_call_many,
+}
+
+
+async def aiomq_bulk_enqueue(url: str, count: int, variant: BulkEnqueue) -> float:
+    _, model = make_model()
+    engine = create_async_engine(url)
+    try:
+        for n in (10, count):  # the first, untimed, warms the pool and the prepared statements
+            start = time.perf_counter()
+            async with AsyncSession(engine) as session, session.begin():
+                await variant(AsyncMQSource(dbsession=session, model=model), n)
+            seconds = time.perf_counter() - start
+        return seconds
+    finally:
+        await engine.dispose()
+
+
+async def bulk_enqueue(ctx: Context) -> Scenario:
+    n = ctx.sizes.bulk
+
+    async def aiomq_side(variant: BulkEnqueue) -> float:
+        async with fresh_database(ctx.server) as url:
+            return n / await aiomq_bulk_enqueue(url, n, variant)
+
+    async def raw_side() -> float:
+        async with fresh_database(ctx.server) as url:
+            return n / await baseline.bulk_enqueue(url, QUEUE, n)
+
+    sides: dict[str, Callable[[], Awaitable[float]]] = {
+        f"aiomq {name}": (lambda v=variant: aiomq_side(v))  # type: ignore[misc]
+        for name, variant in BULK_VARIANTS.items()
+    }
+    sides["raw"] = raw_side
+    rates = await _repeat(ctx, ctx.sizes.runs, sides, lambda v: f"{v:,.0f} jobs/s")
+    return Scenario(
+        "bulk_enqueue",
+        f"bulk enqueue, {n:,} jobs in one transaction",
+        {"jobs": n, "runs": ctx.sizes.runs, "variants": list(BULK_VARIANTS)},
+        {"jobs_per_s": rates},
+        [
+            Row(
+                "2 bulk enqueue",
+                f"{n:,} jobs, 1 txn: {name}",
+                "jobs/s",
+                median(rates[f"aiomq {name}"]),
+                "asyncpg unnest INSERT + 1 NOTIFY",
+                median(rates["raw"]),
+            )
+            for name in BULK_VARIANTS
+        ],
+    )
+
+
+# ------------------------------------------------------------------------------------------- drains
+
+
+async def run_drain_process(spec: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
+    """``benchmarks.drain_worker`` in a subprocess; its JSON line."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "benchmarks.drain_worker",
+        json.dumps(spec),
+        cwd=_ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except BaseException:
+        proc.kill()
+        await proc.wait()
+        raise
+    if proc.returncode != 0:
+        raise RuntimeError(f"drain worker {spec['impl']} exited {proc.returncode}:\n{err.decode()[-3000:]}")
+    result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    return result
+
+
+async def drain(
+    ctx: Context,
+    impl: str,
+    count: int,
+    *,
+    queues: Mapping[str, str] | None = None,
+    cursor_keys: int = 0,
+    rss_at: Sequence[int] = (),
+    mark_at: Sequence[int] = (),
+    time_limit: float | None = None,
+) -> dict[str, Any]:
+    """Pre-load ``count`` jobs on a fresh database, drain them with ``impl`` in a subprocess, check.
+
+    ``jobs_per_s`` is the jobs handled over the seconds taken: all ``count`` of them unless the drain was
+    ``capped`` by ``time_limit``.
+    """
+    queues = dict(queues or {QUEUE: "async"})
+    spec = {
+        "impl": impl,
+        "queues": queues,
+        "rss_at": list(rss_at),
+        "mark_at": list(mark_at),
+        "time_limit": time_limit,
+    }
+    async with fresh_database(ctx.server) as url:
+        await preload(url, count, queues=list(queues), cursor_keys=cursor_keys)
+        result = await run_drain_process({**spec, "url": url})
+        states = await count_states(url)
+    handled = result["handled"]
+    if not result["capped"] and (states.get("completed") != count or handled != count):
+        raise RuntimeError(f"{impl} drain of {count} jobs ended with {states}, {handled} handled")
+    result["jobs"] = count
+    result["states"] = states
+    result["jobs_per_s"] = handled / result["seconds"]
+    ctx.log(
+        f"{impl}: {handled:,} of {count:,} jobs in {result['seconds']:.2f} s = {result['jobs_per_s']:,.0f} "
+        f"jobs/s{' (stopped at the time limit)' if result['capped'] else ''}, "
+        f"peak RSS {result['peak_rss_kib'] / 1024:.1f} MiB"
+    )
+    return result
+
+
+async def _drains(
+    ctx: Context, impls: Sequence[str], count: int, **kw: Any
+) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {impl: [] for impl in impls}
+    for _ in range(ctx.sizes.drain_runs):
+        for impl in impls:
+            out[impl].append(await drain(ctx, impl, count, **kw))
+    return out
+
+
+def _rate(runs: Sequence[dict[str, Any]]) -> float:
+    return median([r["jobs_per_s"] for r in runs])
+
+
+_RAW1 = "asyncpg 1/claim x10 conns"
+_RAW100 = "asyncpg 100/claim, 1 finish"
+
+
+async def plain_drain(ctx: Context) -> Scenario:
+    n = ctx.sizes.drain
+    runs = await _drains(ctx, ["aiomq", "raw1", "raw100"], n)
+    rate = _rate(runs["aiomq"])
+    return Scenario(
+        "drain",
+        f"drain {n:,} pre-loaded no-op jobs",
+        {"jobs": n, "runs": ctx.sizes.drain_runs},
+        runs,
+        [
+            Row("3 drain", f"{n:,} no-op jobs", "jobs/s", rate, _RAW1, _rate(runs["raw1"])),
+            Row("3 drain", f"{n:,} no-op jobs", "jobs/s", rate, _RAW100, _rate(runs["raw100"])),
+        ],
+    )
+
+
+def _vs_plain(ctx: Context, scenario: str, metric: str, rate: float) -> list[Row]:
+    plain = ctx.results.get("drain")
+    if plain is None:
+        return []
+    return [Row(scenario, metric, "jobs/s", rate, "aiomq plain drain (3)", plain.rows[0].aiomq)]
+
+
+async def cursor_drain(ctx: Context) -> Scenario:
+    n, keys = ctx.sizes.drain, ctx.sizes.cursor_keys
+    runs = await _drains(ctx, ["aiomq", "raw100"], n, cursor_keys=keys)
+    rate = _rate(runs["aiomq"])
+    metric = f"{keys:,} cursors x {n // keys}"
+    return Scenario(
+        "cursor_drain",
+        f"drain {n:,} jobs on {keys:,} cursor keys ({n // keys} each, collapse off, keys interleaved)",
+        {"jobs": n, "cursor_keys": keys, "runs": ctx.sizes.drain_runs},
+        runs,
+        [
+            Row(
+                "4 cursor drain",
+                metric,
+                "jobs/s",
+                rate,
+                _RAW100 + " (no cursor logic)",
+                _rate(runs["raw100"]),
+            ),
+            *_vs_plain(ctx, "4 cursor drain", metric, rate),
+        ],
+    )
+
+
+async def mixed_drain(ctx: Context) -> Scenario:
+    n = ctx.sizes.drain
+    queues = {QUEUE: "async", SYNC_QUEUE: "sync"}
+    runs = await _drains(ctx, ["aiomq", "raw100"], n, queues=queues)
+    rate = _rate(runs["aiomq"])
+    metric = f"{n:,} jobs, 50% sync"
+    return Scenario(
+        "mixed_drain",
+        f"drain {n:,} jobs, half on a queue with a sync (threaded) handler",
+        {"jobs": n, "queues": queues, "runs": ctx.sizes.drain_runs},
+        runs,
+        [
+            Row("5 sync/async drain", metric, "jobs/s", rate, _RAW100 + ", to_thread", _rate(runs["raw100"])),
+            *_vs_plain(ctx, "5 sync/async drain", metric, rate),
+        ],
+    )
+
+
+async def backlog(ctx: Context) -> Scenario:
+    """The first ``small`` jobs of a backlog of ``small`` vs of ``big``: the same work from a bigger table;
+    and the whole ``big`` drain (stopped at ``backlog_time_limit``)."""
+    small, big = ctx.sizes.backlog
+    limit = ctx.sizes.backlog_time_limit
+    runs_small = await _drains(ctx, ["aiomq", "raw100"], small)
+    runs_big = await _drains(
+        ctx, ["aiomq", "raw100"], big, rss_at=ctx.sizes.rss_at, mark_at=[small], time_limit=limit
+    )
+
+    def first(runs: Sequence[dict[str, Any]]) -> float | None:
+        times = [r["marks_s"].get(str(small)) for r in runs]
+        return None if None in times else median([small / t for t in times if t is not None])
+
+    a_small, r_small = _rate(runs_small["aiomq"]), _rate(runs_small["raw100"])
+    a_first, r_first = first(runs_big["aiomq"]), first(runs_big["raw100"])
+    capped = [f"{r['impl']}: {r['handled']:,} done" for rs in runs_big.values() for r in rs if r["capped"]]
+    all_big = f"all {big:,}" + (f" (stopped at {limit:g} s: {', '.join(capped)})" if capped else "")
+    return Scenario(
+        "backlog",
+        f"backlog independence: the first {small:,} jobs of a backlog of {small:,} vs {big:,}",
+        {"small": small, "big": big, "runs": ctx.sizes.drain_runs, "time_limit_s": limit},
+        {"small": runs_small, "big": runs_big},
+        [
+            Row("6 backlog", f"first {small:,} of {small:,}", "jobs/s", a_small, _RAW100, r_small),
+            Row("6 backlog", f"first {small:,} of {big:,}", "jobs/s", a_first, _RAW100, r_first),
+            Row(
+                "6 backlog",
+                f"rate ratio: backlog {big:,} / {small:,}",
+                "x",
+                None if a_first is None else a_first / a_small,
+                _RAW100,
+                None if r_first is None else r_first / r_small,
+            ),
+            Row("6 backlog", all_big, "jobs/s", _rate(runs_big["aiomq"]), _RAW100, _rate(runs_big["raw100"])),
+        ],
+    )
+
+
+def _done(runs: Sequence[dict[str, Any]]) -> str:
+    capped = [r["handled"] for r in runs if r["capped"]]
+    return f" (aiomq stopped after {min(capped):,})" if capped else ""
+
+
+async def memory(ctx: Context) -> Scenario:
+    """Derived from the drains of scenarios 3 and 6, each of which ran in a process of its own."""
+    plain, back = ctx.results["drain"], ctx.results["backlog"]
+    first, last = ctx.sizes.rss_at
+
+    def peak(runs: Sequence[dict[str, Any]]) -> float:
+        return median([r["peak_rss_kib"] for r in runs]) / 1024
+
+    def sample(runs: Sequence[dict[str, Any]], at: int) -> float | None:
+        values = [r["rss_samples_kib"].get(str(at)) for r in runs]
+        return None if None in values else median([v for v in values if v is not None]) / 1024
+
+    def end(runs: Sequence[dict[str, Any]]) -> float:
+        return median([r["rss_end_kib"] for r in runs]) / 1024
+
+    def start(runs: Sequence[dict[str, Any]]) -> float:
+        return median([r["rss_start_kib"] for r in runs]) / 1024
+
+    m, big = plain.measurements, back.measurements["big"]
+    n = plain.params["jobs"]
+    rows = [
+        Row("8 worker RSS", "ready, before the drain", "MiB", start(m["aiomq"]), _RAW100, start(m["raw100"])),
+        Row("8 worker RSS", f"peak, {n:,}-job drain", "MiB", peak(m["aiomq"]), _RAW100, peak(m["raw100"])),
+    ]
+    for at in (first, last):
+        a, r = sample(big["aiomq"], at), sample(big["raw100"], at)
+        note = "" if a is not None and r is not None else "not reached before the time limit"
+        rows.append(Row("8 worker RSS", f"after {at:,} jobs", "MiB", a, _RAW100, r, note))
+    rows.append(
+        Row(
+            "8 worker RSS",
+            f"at the end of the {back.params['big']:,}-job drain{_done(big['aiomq'])}",
+            "MiB",
+            end(big["aiomq"]),
+            _RAW100,
+            end(big["raw100"]),
+        )
+    )
+    rows.append(
+        Row(
+            "8 worker RSS",
+            f"peak, {back.params['big']:,}-job drain{_done(big['aiomq'])}",
+            "MiB",
+            peak(big["aiomq"]),
+            _RAW100,
+            peak(big["raw100"]),
+        )
+    )
+    return Scenario(
+        "memory",
+        "worker RSS (each drain ran in a process of its own; peak is VmHWM, samples /proc/self/statm)",
+        {"rss_at": list(ctx.sizes.rss_at)},
+        {"rows_from": ["drain", "backlog"]},
+        rows,
+    )
+
+
+# ------------------------------------------------------------------------------------------- 7. latency
+
+
+def _summary(latencies: Sequence[float]) -> dict[str, float]:
+    values = list(latencies)
+    return {
+        "jobs": len(values),
+        "p50_ms": percentile(values, 50),
+        "p95_ms": percentile(values, 95),
+        "p99_ms": percentile(values, 99),
+        "max_ms": max(values),
+    }
+
+
+async def wakeup(ctx: Context) -> Scenario:
+    jobs, spacing = ctx.sizes.latency_jobs, ctx.sizes.latency_spacing_ms / 1000
+
+    async def aiomq_side() -> dict[str, float]:
+        async with fresh_database(ctx.server) as url:
+            return dict(await aiomq_wakeup_latency(url, jobs, spacing))
+
+    async def raw_side() -> dict[str, float]:
+        async with fresh_database(ctx.server) as url:
+            return _summary(await baseline.wakeup_latency(url, jobs, spacing))
+
+    runs: dict[str, list[dict[str, float]]] = {"aiomq": [], "raw": []}
+    for run in range(ctx.sizes.latency_runs):
+        for name, fn in (("aiomq", aiomq_side), ("raw", raw_side)):
+            result = await fn()
+            runs[name].append(result)
+            ctx.log(
+                f"{name} run {run + 1}: p50 {result['p50_ms']:.2f} ms, p95 {result['p95_ms']:.2f} ms, "
+                f"p99 {result['p99_ms']:.2f} ms"
+            )
+    rows = [
+        Row(
+            "7 wake-up latency",
+            f"{p} commit->start",
+            "ms",
+            median([r[f"{p}_ms"] for r in runs["aiomq"]]),
+            "asyncpg LISTEN + 1 UPDATE claim",
+            median([r[f"{p}_ms"] for r in runs["raw"]]),
+        )
+        for p in ("p50", "p95", "p99")
+    ]
+    return Scenario(
+        "wakeup_latency",
+        f"idle wake-up latency, {jobs} jobs {ctx.sizes.latency_spacing_ms:g} ms apart",
+        {"jobs": jobs, "spacing_ms": ctx.sizes.latency_spacing_ms, "runs": ctx.sizes.latency_runs},
+        runs,
+        rows,
+    )
+
+
+#: key -> (number, scenario, the scenarios it needs before it).
+SCENARIOS: dict[str, tuple[int, Callable[[Context], Awaitable[Scenario]], tuple[str, ...]]] = {
+    "single_enqueue": (1, single_enqueue, ()),
+    "bulk_enqueue": (2, bulk_enqueue, ()),
+    "drain": (3, plain_drain, ()),
+    "cursor_drain": (4, cursor_drain, ()),
+    "mixed_drain": (5, mixed_drain, ()),
+    "backlog": (6, backlog, ()),
+    "wakeup_latency": (7, wakeup, ()),
+    "memory": (8, memory, ("drain", "backlog")),
+}
