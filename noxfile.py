@@ -31,3 +31,10 @@ def tests(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     session.install("-e", ".[embedded]")
     session.run("python", "-m", "benchmarks", *session.posargs)
+
+
+@nox.session
+def chaos(session: nox.Session) -> None:
+    """Kill workers, connections and the database (CHAOS_SCALE=10 for the long form)."""
+    session.install("-e", ".[test]")
+    session.run("pytest", "-m", "chaos", "tests/chaos", *session.posargs)
