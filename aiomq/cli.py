@@ -37,6 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from . import __version__
 from .errors import SchemaMissingError
+from .listener import ASYNCPG_ONLY
 from .model import Model, make_default_model
 from .records import JobInfo
 from .source import AsyncMQSource
@@ -60,18 +61,6 @@ log = logging.getLogger(__name__)
 ENV_PREFIX = "AIOMQ_"
 CONNECT_TIMEOUT = 10.0
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-# asyncpg.connect() keywords that SQLAlchemy reads from a postgresql+asyncpg URL's query but that mean
-# nothing (or something else: a server setting) in a libpq URL.
-_ASYNCPG_ONLY = frozenset(
-    {
-        "prepared_statement_cache_size",
-        "statement_cache_size",
-        "max_cached_statement_lifetime",
-        "max_cacheable_statement_size",
-        "command_timeout",
-        "timeout",
-    }
-)
 
 
 class CliError(Exception):
@@ -145,7 +134,7 @@ def parse_database_url(raw: str) -> DatabaseURL:
         query.pop("connect_timeout", None)
         dsn_query = query
     else:
-        dsn_query = {k: v for k, v in query.items() if k not in _ASYNCPG_ONLY}
+        dsn_query = {k: v for k, v in query.items() if k not in ASYNCPG_ONLY}
         if isinstance(dsn_query.get("ssl"), str):  # a libpq URL spells it sslmode
             dsn_query["sslmode"] = dsn_query.pop("ssl")
     engine_url = url.set(drivername="postgresql+asyncpg", query=query)

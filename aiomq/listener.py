@@ -31,7 +31,7 @@ _KEEPALIVE_SETTINGS = {
 
 # Query keys of a SQLAlchemy asyncpg URL that are connect() arguments, not libpq settings: left in a
 # libpq URL, asyncpg would send them to the server as (unknown) run-time settings.
-_ASYNCPG_ONLY = frozenset(
+ASYNCPG_ONLY = frozenset(
     {
         "prepared_statement_cache_size",
         "statement_cache_size",
@@ -49,7 +49,7 @@ def libpq_dsn(url: str | sa.URL) -> str:
     kept, SQLAlchemy's ``ssl`` spelled ``sslmode``, asyncpg-only options dropped."""
     if isinstance(url, str):
         url = sa.make_url(url)
-    query = {k: v for k, v in url.query.items() if k not in _ASYNCPG_ONLY}
+    query = {k: v for k, v in url.query.items() if k not in ASYNCPG_ONLY}
     if "ssl" in query and "sslmode" not in query and isinstance(query["ssl"], str):
         query["sslmode"] = query.pop("ssl")
     return url.set(drivername="postgresql", query=query).render_as_string(hide_password=False)
