@@ -317,6 +317,8 @@ class AsyncMQWorker:
                 # NOTIFY is a hint: a cursor freed without one (fail_lost_job, a psycopg2_mq worker
                 # finishing a job on a cursor shared with our queues) is found by this re-check.
                 self._next_due = self.clock()
+                if self._listener is None or not self._listener.alive:
+                    continue  # maintenance may have spanned an outage: reconnect before claiming
             if self._next_schedule is not None and self._next_schedule <= self.clock():
                 await self._apply_schedules()
             free = self.concurrency - len(self._tasks)
@@ -627,9 +629,14 @@ class AsyncMQWorker:
         races = 0
         attempt = 0
         while True:
+            if self._listener is None or not self._listener.alive:
+                return 0  # without our advisory lock, what we claim would look lost to everyone else
             try:
                 # One statement, so autocommit makes it one round trip and one transaction.
                 async with self._autocommit.connect() as conn:
+                    # now is read per attempt, once connected: a start_time taken before a retry's
+                    # backoff could precede the moment the job's cursor became free.
+                    now = params["now"] = self.clock()
                     rows = list(await conn.execute(self._st.claim, params))
                 break
             except Exception as ex:
