@@ -241,9 +241,15 @@ def machine_for(database: str) -> type[RuleBasedStateMachine]:
 
         def teardown(self) -> None:
             try:
-                self.run(self.engine.dispose)
+                # Every example ends with the queue drained once more, so it exercises the worker.
+                self.advance(60)
+                self.work({"m1": "ok", "m2": "fail_update"})
+                self.database_matches_model()
             finally:
-                self.run.close()
+                try:
+                    self.run(self.engine.dispose)
+                finally:
+                    self.run.close()
 
         async def handle(self, job: JobContext) -> Any:
             """The handler of both queues: counts on the cursor, then ends as this step's mode says."""
@@ -404,6 +410,14 @@ def machine_for(database: str) -> type[RuleBasedStateMachine]:
             self.run(self.worker.run_until_idle)
             self.model.work(modes)
             assert self.overlaps == [], self.overlaps
+
+        @rule(
+            seconds=st.sampled_from([5, 30]),
+            modes=st.fixed_dictionaries({m: st.sampled_from(MODES) for m in METHODS}),
+        )
+        def advance_and_work(self, seconds: int, modes: dict[str, str]) -> None:
+            self.advance(seconds)
+            self.work(modes)
 
         @precondition(lambda self: bool(self.model.claimable()))
         @rule(data=st.data())
