@@ -411,6 +411,20 @@ def machine_for(database: str) -> type[RuleBasedStateMachine]:
             self.model.work(modes)
             assert self.overlaps == [], self.overlaps
 
+        @precondition(lambda self: any(j.state == "lost" for j in self.model.jobs.values()))
+        @rule(target=jobs, data=st.data(), action=st.sampled_from(["cancel", "retry", "fail"]))
+        def act_on_lost(self, data: st.DataObject, action: str) -> Any:
+            """What an operator may try on a lost job: cancel (refused), retry (blocked), fail it."""
+            lost = sorted(j.id for j in self.model.jobs.values() if j.state == "lost")
+            job_id = data.draw(st.sampled_from(lost), label="lost job")
+            if action == "retry":
+                return self.retry(job_id)
+            if action == "cancel":
+                self.cancel(job_id)
+            else:
+                self.fail_lost(job_id)
+            return multiple()
+
         @rule(
             seconds=st.sampled_from([5, 30]),
             modes=st.fixed_dictionaries({m: st.sampled_from(MODES) for m in METHODS}),
