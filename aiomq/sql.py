@@ -193,6 +193,17 @@ class Statements:
             .cte("picked")
         )
         snapshot = sa.select(cursor.c.properties).where(cursor.c.key == job.c.cursor_key).scalar_subquery()
+        claimed = (
+            job.c.id,
+            job.c.queue,
+            job.c.method,
+            job.c.args,
+            job.c.cursor_key,
+            job.c.cursor_snapshot,
+            job.c.trace,
+            job.c.scheduled_time,
+            job.c.created_time,
+        )
         self.claim = (
             job.update()
             .where(job.c.id == picked.c.id)
@@ -203,17 +214,7 @@ class Statements:
                 start_time=sa.bindparam("now", type_=sa.DateTime),
                 cursor_snapshot=snapshot,
             )
-            .returning(
-                job.c.id,
-                job.c.queue,
-                job.c.method,
-                job.c.args,
-                job.c.cursor_key,
-                job.c.cursor_snapshot,
-                job.c.trace,
-                job.c.scheduled_time,
-                job.c.created_time,
-            )
+            .returning(*claimed)
         )
 
         #: The earliest time a job of ``queues`` becomes claimable (cursor not busy), or NULL.
@@ -445,6 +446,24 @@ class Statements:
                 end_time=None,
             )
             .returning(job.c.id)
+        )
+        #: Take back the jobs of claims whose reply never arrived (the connection died after the commit):
+        #: ``running`` (or ``lost``, if the lock changed meanwhile) for worker ``name`` with a ``start_time``
+        #: among ``stamps`` (each failed claim stamped its own ``now``), not among ``known`` (the jobs the
+        #: worker runs). Their handlers never ran. Re-stamped under ``lock_id``; returns what ``claim`` does.
+        self.adopt = (
+            job.update()
+            .where(job.c.state.in_([running, lost]))
+            .where(job.c.worker == sa.bindparam("name", type_=sa.Text))
+            .where(job.c.start_time == sa.any_(sa.bindparam("stamps", type_=pg.ARRAY(sa.DateTime))))
+            .where(job.c.queue == sa.any_(queues))
+            .where(job.c.id != sa.all_(sa.bindparam("known", type_=pg.ARRAY(sa.BigInteger))))
+            .values(
+                state=running,
+                lock_id=sa.bindparam("lock_id", type_=sa.Integer),
+                end_time=None,
+            )
+            .returning(*claimed)
         )
         self.move_locks = (
             lock.update()

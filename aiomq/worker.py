@@ -160,6 +160,10 @@ class AsyncMQWorker:
         self._in_handler: dict[int, bool] = {}  # job id -> handler is sync
         self._limiter = anyio.CapacityLimiter(concurrency)
         self._finishing: list[tuple[_Record, asyncio.Future[None]]] = []
+        # Claims that failed in a way that may have committed (the reply was lost): their start_time
+        # stamps, with the loop time of the failure. Looked up (``_adopt``) after the next successful
+        # claim and at each maintenance, and forgotten once a lookup ran ``timeout`` after the failure.
+        self._unsure: dict[datetime.datetime, float] = {}
         self._finisher_wakeup: asyncio.Event = asyncio.Event()
 
     # ---------------------------------------------------------------- public lifecycle
@@ -313,6 +317,8 @@ class AsyncMQWorker:
                 continue
             if loop.time() >= next_maintenance:
                 await self._maintenance()
+                if self._unsure and self._listener is not None and self._listener.alive:
+                    await self._adopt()
                 next_maintenance = loop.time() + self.timeout
                 # NOTIFY is a hint: a cursor freed without one (fail_lost_job, a psycopg2_mq worker
                 # finishing a job on a cursor shared with our queues) is found by this re-check.
@@ -643,6 +649,8 @@ class AsyncMQWorker:
                 if is_unique_violation(ex) and races < 20:
                     races += 1  # another worker took a job of the same cursor: claim again at once
                     continue
+                if not is_unique_violation(ex):  # it may have committed with its reply lost
+                    self._unsure[now] = asyncio.get_running_loop().time()
                 if self.is_retryable_error(ex) and attempt + 1 < len(self.retry_intervals):
                     delay = self._backoff(attempt)
                     log.info("claim failed (%s); retry %d in %.1fs", ex, attempt + 1, delay)
@@ -657,11 +665,45 @@ class AsyncMQWorker:
         rows.sort(key=lambda r: (r.scheduled_time, r.created_time, r.id))
         for row in rows:
             self._start(JobContext.from_claim(row), row.scheduled_time, now)
+        if self._unsure:
+            await self._adopt()
         if len(rows) >= limit:
             self._next_due = now  # there may be more: claim again when a slot frees
         else:
             await self._refresh_next_due()
         return len(rows)
+
+    async def _adopt(self) -> None:
+        """Start the jobs of claims that committed although their reply was lost.
+
+        They are ``running`` under this worker's live lock, so no maintenance would ever mark them lost:
+        without this they would wait until the worker exits. Their handlers never ran, so they run now.
+        """
+        assert self._lock_id is not None
+        looked_at = asyncio.get_running_loop().time()
+        try:
+            async with self._autocommit.connect() as conn:
+                rows = list(
+                    await conn.execute(
+                        self._st.adopt,
+                        {
+                            "name": self.name,
+                            "stamps": list(self._unsure),
+                            "queues": self.queues,
+                            "known": list(self._jobs),
+                            "lock_id": self._lock_id,
+                        },
+                    )
+                )
+        except Exception as ex:
+            log.warning("looking for the jobs of a failed claim failed (%s); looking again later", ex)
+            return
+        # A claim cut off on our side may still be committing on the server: keep looking for a while.
+        self._unsure = {s: t for s, t in self._unsure.items() if looked_at - t < self.timeout}
+        rows.sort(key=lambda r: (r.scheduled_time, r.created_time, r.id))
+        for row in rows:
+            log.warning("job %s was claimed by a claim whose reply was lost: running it now", row.id)
+            self._start(JobContext.from_claim(row), row.scheduled_time, self.clock())
 
     async def _refresh_next_due(self) -> None:
         """Ask the database when the next job becomes claimable (None: wait for a hint)."""
