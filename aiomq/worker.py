@@ -158,6 +158,11 @@ class AsyncMQWorker:
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._jobs: dict[int, JobContext] = {}
         self._in_handler: dict[int, bool] = {}  # job id -> handler is sync
+        # The jobs that hold one of the ``concurrency`` slots: claimed, handler not yet returned. A job
+        # whose outcome is being recorded frees its slot, so the next claim overlaps the finish; at most
+        # ``_max_unrecorded`` jobs may be claimed or waiting for their outcome to be recorded.
+        self._in_slot: set[int] = set()
+        self._max_unrecorded = 4 * concurrency
         self._limiter = anyio.CapacityLimiter(concurrency)
         self._finishing: list[tuple[_Record, asyncio.Future[None]]] = []
         # Claims that failed in a way that may have committed (the reply was lost): their start_time
@@ -327,7 +332,7 @@ class AsyncMQWorker:
                     continue  # maintenance may have spanned an outage: reconnect before claiming
             if self._next_schedule is not None and self._next_schedule <= self.clock():
                 await self._apply_schedules()
-            free = self.concurrency - len(self._tasks)
+            free = self._free_slots()
             claimed = 0
             settled = self._settled
             if free > 0 and (until_idle or self._is_due()):
@@ -343,7 +348,7 @@ class AsyncMQWorker:
             if until_idle and claimed == 0 and not self._tasks and self._settled == settled:
                 return  # (a job that finished during the claim may have freed a cursor: claim again)
             delay = next_maintenance - loop.time()
-            if self.concurrency > len(self._tasks) and self._next_due is not None:
+            if self._free_slots() > 0 and self._next_due is not None:
                 delay = min(delay, (self._next_due - self.clock()).total_seconds())
             if self._next_schedule is not None:
                 delay = min(delay, (self._next_schedule - self.clock()).total_seconds())
@@ -352,6 +357,9 @@ class AsyncMQWorker:
         if self._tasks:
             log.info("worker %s waiting for %d job(s) to finish", self.name, len(self._tasks))
             await asyncio.wait(list(self._tasks.values()))
+
+    def _free_slots(self) -> int:
+        return min(self.concurrency - len(self._in_slot), self._max_unrecorded - len(self._tasks))
 
     def _is_due(self) -> bool:
         return self._next_due is not None and self._next_due <= self.clock()
@@ -732,6 +740,7 @@ class AsyncMQWorker:
             (now - scheduled).total_seconds(),
         )
         self._jobs[job.id] = job
+        self._in_slot.add(job.id)
         task = asyncio.create_task(self._run_job(job), name=f"aiomq job {job.id}")
         self._tasks[job.id] = task
 
@@ -746,6 +755,8 @@ class AsyncMQWorker:
             self._forget(job.id)
             raise
         self._in_handler.pop(job.id, None)
+        self._in_slot.discard(job.id)  # the next claim need not wait for this outcome to be recorded
+        self._wake()
         try:
             await asyncio.shield(self._finish(job, outcome))
         finally:
@@ -755,6 +766,7 @@ class AsyncMQWorker:
         self._settled += 1
         self._jobs.pop(job_id, None)
         self._tasks.pop(job_id, None)
+        self._in_slot.discard(job_id)
         self._wake()
 
     async def _execute(self, handler: _Handler, job: JobContext) -> _Outcome:

@@ -416,6 +416,35 @@ async def test_concurrency_limit(source: AsyncMQSource, make_worker: MakeWorker)
         assert (await source.wait_for_job(job.id, timeout=1)).state == "completed"
 
 
+async def test_slot_frees_when_the_handler_returns_not_when_its_outcome_is_recorded(
+    source: AsyncMQSource, make_worker: MakeWorker, db: Any
+) -> None:
+    """With concurrency=1, job B starts while job A's finish is still blocked (a row lock held here)."""
+    first = await source.call("q", "m", {"n": 0})
+    second = await source.call("q", "m", {"n": 1})
+    blocker = db.transaction()
+    seen: dict[str, Any] = {}
+
+    async def handler(job: JobContext) -> None:
+        if job.args["n"] == 0:  # hold A's row, so recording A's outcome waits
+            await blocker.start()
+            await db.execute("SELECT 1 FROM mq_job WHERE id = $1 FOR UPDATE", job.id)
+        else:
+            seen["first_state_when_second_ran"] = await db.fetchval(
+                "SELECT state FROM mq_job WHERE id = $1", first.id
+            )
+            await blocker.rollback()
+
+    run = asyncio.create_task(make_worker({"q": handler}, concurrency=1).run_until_idle())
+    await asyncio.wait({run}, timeout=20)
+    if not run.done():  # B never started: release A so the worker can finish, then fail
+        await blocker.rollback()
+        await run
+    assert seen == {"first_state_when_second_ran": "running"}
+    for job in (first, second):
+        assert await job_state(db, job.id) == "completed"
+
+
 async def test_sync_handler_runs_in_a_thread_and_loop_stays_responsive(
     source: AsyncMQSource, make_worker: MakeWorker, db: Any
 ) -> None:
