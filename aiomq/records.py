@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import datetime
 import re
@@ -114,15 +113,17 @@ class JobContext:
 
     @classmethod
     def from_claim(cls, row: Any) -> JobContext:
+        """From a claimed row (a mapping of the claim's columns, JSON decoded afresh for this job)."""
         cursor: dict[str, Any] | None = None
-        if row.cursor_key is not None:
-            cursor = copy.deepcopy(row.cursor_snapshot) if row.cursor_snapshot is not None else {}
+        if row["cursor_key"] is not None:
+            snapshot = row["cursor_snapshot"]
+            cursor = snapshot if snapshot is not None else {}
         return cls(
-            id=row.id,
-            queue=row.queue,
-            method=row.method,
-            args=row.args,
-            cursor_key=row.cursor_key,
+            id=row["id"],
+            queue=row["queue"],
+            method=row["method"],
+            args=row["args"],
+            cursor_key=row["cursor_key"],
             cursor=cursor,
-            trace=row.trace,
+            trace=row["trace"],
         )

@@ -27,6 +27,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from . import sql
+from .compiled import Compiled
 from .errors import FailedJobError, SchemaMissingError
 from .events import finished_event
 from .listener import Listener, libpq_dsn
@@ -135,6 +136,10 @@ class AsyncMQWorker:
         self._st = sql.statements(model)
         self._ss = schedule_statements(model)
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+        # The statements that run on the listener connection, as asyncpg SQL.
+        self._claim_sql = Compiled(self._st.claim, engine.dialect)
+        self._adopt_sql = Compiled(self._st.adopt, engine.dialect)
+        self._next_due_sql = Compiled(self._st.next_due, engine.dialect)
         self._channels = {f"{model.channel_prefix}{q}": q for q in self.queues}
 
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -423,6 +428,7 @@ class AsyncMQWorker:
                 application_name=f"aiomq worker {self.name}"[:63],
                 on_notify=self._on_notify,
                 on_lost=self._on_listener_lost,
+                json_deserializer=getattr(self.engine.dialect, "_json_deserializer", None) or json.loads,
             )
             try:
                 lock_id = await listener.open()
@@ -646,12 +652,12 @@ class AsyncMQWorker:
             if self._listener is None or not self._listener.alive:
                 return 0  # without our advisory lock, what we claim would look lost to everyone else
             try:
-                # One statement, so autocommit makes it one round trip and one transaction.
-                async with self._autocommit.connect() as conn:
-                    # now is read per attempt, once connected: a start_time taken before a retry's
-                    # backoff could precede the moment the job's cursor became free.
-                    now = params["now"] = self.clock()
-                    rows = list(await conn.execute(self._st.claim, params))
+                # One statement on the listener connection: one round trip, one transaction, and it
+                # can only commit while the advisory lock it stamps on the jobs is held. now is read per
+                # attempt: a start_time taken before a retry's backoff could precede the moment the
+                # job's cursor became free.
+                now = params["now"] = self.clock()
+                rows = await self._listener_fetch(self._claim_sql, params)
                 break
             except Exception as ex:
                 if is_unique_violation(ex) and races < 20:
@@ -670,16 +676,21 @@ class AsyncMQWorker:
                 log.exception("claim failed, the worker goes on: %s", ex)
                 self._next_due = self.clock() + datetime.timedelta(seconds=self.retry_intervals[-1])
                 return 0
-        rows.sort(key=lambda r: (r.scheduled_time, r.created_time, r.id))
+        rows.sort(key=_due_order)
         for row in rows:
-            self._start(JobContext.from_claim(row), row.scheduled_time, now)
+            self._start(JobContext.from_claim(row), row["scheduled_time"], now)
         if self._unsure:
             await self._adopt()
         if len(rows) >= limit:
             self._next_due = now  # there may be more: claim again when a slot frees
         else:
+            await asyncio.sleep(0)  # let the handlers just started begin before the next query
             await self._refresh_next_due()
         return len(rows)
+
+    async def _listener_fetch(self, statement: Compiled, params: Mapping[str, Any]) -> list[Any]:
+        assert self._listener is not None
+        return await self._listener.fetch(statement.sql, statement.args(params))
 
     async def _adopt(self) -> None:
         """Start the jobs of claims that committed although their reply was lost.
@@ -689,29 +700,24 @@ class AsyncMQWorker:
         """
         assert self._lock_id is not None
         looked_at = asyncio.get_running_loop().time()
+        params = {
+            "name": self.name,
+            "stamps": list(self._unsure),
+            "queues": self.queues,
+            "known": list(self._jobs),
+            "lock_id": self._lock_id,
+        }
         try:
-            async with self._autocommit.connect() as conn:
-                rows = list(
-                    await conn.execute(
-                        self._st.adopt,
-                        {
-                            "name": self.name,
-                            "stamps": list(self._unsure),
-                            "queues": self.queues,
-                            "known": list(self._jobs),
-                            "lock_id": self._lock_id,
-                        },
-                    )
-                )
+            rows = await self._listener_fetch(self._adopt_sql, params)
         except Exception as ex:
             log.warning("looking for the jobs of a failed claim failed (%s); looking again later", ex)
             return
         # A claim cut off on our side may still be committing on the server: keep looking for a while.
         self._unsure = {s: t for s, t in self._unsure.items() if looked_at - t < self.timeout}
-        rows.sort(key=lambda r: (r.scheduled_time, r.created_time, r.id))
+        rows.sort(key=_due_order)
         for row in rows:
-            log.warning("job %s was claimed by a claim whose reply was lost: running it now", row.id)
-            self._start(JobContext.from_claim(row), row.scheduled_time, self.clock())
+            log.warning("job %s was claimed by a claim whose reply was lost: running it now", row["id"])
+            self._start(JobContext.from_claim(row), row["scheduled_time"], self.clock())
 
     async def _refresh_next_due(self) -> None:
         """Ask the database when the next job becomes claimable (None: wait for a hint)."""
@@ -719,9 +725,9 @@ class AsyncMQWorker:
         value: datetime.datetime | None = None
         self._db_next_due = None
         try:
-            async with self._autocommit.connect() as conn:
-                value = await conn.scalar(self._st.next_due, {"queues": self.queues})
-        except Exception as ex:  # (a dead pooled connection, say): look again soon rather than never
+            rows = await self._listener_fetch(self._next_due_sql, {"queues": self.queues})
+            value = rows[0][0]
+        except Exception as ex:  # (the connection died, say): look again soon rather than never
             log.warning("reading the next due time failed (%s); looking again shortly", ex)
             value = self.clock() + datetime.timedelta(seconds=self.retry_intervals[0])
         # A hint that arrived while the query ran is newer than its answer: keep the earlier of the two.
@@ -1130,6 +1136,10 @@ class AsyncMQWorker:
                     signal.signal(sig, old)
 
         return restore
+
+
+def _due_order(row: Any) -> tuple[Any, ...]:
+    return row["scheduled_time"], row["created_time"], row["id"]
 
 
 def _call_in_thread(fn: Callable[[JobContext], Any], job: JobContext, name: str) -> Any:

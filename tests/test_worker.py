@@ -18,13 +18,13 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from aiomq import AsyncMQSource, AsyncMQWorker, FailedJobError, JobContext
 from aiomq.model import Model
 
 from .conftest import Clock
+from .faults import hook_listener_statements
 
 MakeWorker = Callable[..., AsyncMQWorker]
 LOCK_KEY = 1250360252
@@ -929,7 +929,7 @@ async def test_run_until_idle_runs_successor_of_job_finishing_during_a_claim(
     held = asyncio.Event()
     worker: AsyncMQWorker | None = None
 
-    async def hold_until_idle(_driver_connection: Any) -> None:
+    async def hold_until_idle() -> None:
         held.set()
         for _ in range(400):
             assert worker is not None
@@ -937,10 +937,10 @@ async def test_run_until_idle_runs_successor_of_job_finishing_during_a_claim(
                 return
             await asyncio.sleep(0.005)
 
-    def after_execute(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if armed.is_set() and statement.lstrip().startswith("WITH locked AS"):
+    async def after_statement(sql: str) -> None:
+        if armed.is_set() and sql.lstrip().startswith("WITH locked AS"):
             armed.clear()
-            conn.connection.dbapi_connection.run_async(hold_until_idle)
+            await hold_until_idle()
 
     async def handler(job: JobContext) -> None:
         if job.method == "x":
@@ -951,12 +951,9 @@ async def test_run_until_idle_runs_successor_of_job_finishing_during_a_claim(
     x = await source.call("q", "x")
     y1 = await source.call("q", "y1", cursor_key="y")
     y2 = await source.call("q", "y2", cursor_key="y", collapse_on_cursor=False)
-    sa.event.listen(engine.sync_engine, "after_cursor_execute", after_execute)
-    try:
-        worker = make_worker({"q": handler})
-        await worker.run_until_idle()
-    finally:
-        sa.event.remove(engine.sync_engine, "after_cursor_execute", after_execute)
+    worker = make_worker({"q": handler})
+    hook_listener_statements(worker, after=after_statement)
+    await worker.run_until_idle()
     assert held.is_set(), "the claim after x's finish was not seen: this test proves nothing"
     assert await job_state(db, x.id) == "completed"
     assert await job_state(db, y1.id) == "completed"
@@ -976,7 +973,7 @@ async def test_successor_starts_at_once_when_predecessor_finishes_during_next_du
     held = asyncio.Event()
     worker: AsyncMQWorker | None = None
 
-    async def hold_until_idle(_driver_connection: Any) -> None:
+    async def hold_until_idle() -> None:
         held.set()
         for _ in range(400):
             assert worker is not None
@@ -985,26 +982,23 @@ async def test_successor_starts_at_once_when_predecessor_finishes_during_next_du
             await asyncio.sleep(0.005)
         await asyncio.sleep(0.1)  # let y1's NOTIFY arrive first, too
 
-    def after_execute(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if held.is_set() or worker is None or "min(first_due.scheduled_time)" not in statement:
+    async def after_statement(sql: str) -> None:
+        if held.is_set() or worker is None or "min(first_due.scheduled_time)" not in sql:
             return
         if worker.get_status()["active_jobs"]:
-            conn.connection.dbapi_connection.run_async(hold_until_idle)
+            await hold_until_idle()
 
     async def handler(job: JobContext) -> None:
         if job.method == "y1":
             await asyncio.wait_for(held.wait(), 5)
 
-    sa.event.listen(engine.sync_engine, "after_cursor_execute", after_execute)
-    try:
-        worker = make_worker({"q": handler}, timeout=30)
-        async with worker:
-            y1 = await source.call("q", "y1", cursor_key="y")
-            y2 = await source.call("q", "y2", cursor_key="y", collapse_on_cursor=False)
-            first = await source.wait_for_job(y1.id, timeout=5, poll_interval=0.1)
-            second = await source.wait_for_job(y2.id, timeout=5, poll_interval=0.1)
-    finally:
-        sa.event.remove(engine.sync_engine, "after_cursor_execute", after_execute)
+    worker = make_worker({"q": handler}, timeout=30)
+    hook_listener_statements(worker, after=after_statement)
+    async with worker:
+        y1 = await source.call("q", "y1", cursor_key="y")
+        y2 = await source.call("q", "y2", cursor_key="y", collapse_on_cursor=False)
+        first = await source.wait_for_job(y1.id, timeout=5, poll_interval=0.1)
+        second = await source.wait_for_job(y2.id, timeout=5, poll_interval=0.1)
     assert held.is_set(), "no next-due query ran while y1 was in flight: this test proves nothing"
     assert first.state == "completed"
     assert second.state == "completed"

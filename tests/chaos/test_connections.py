@@ -17,10 +17,11 @@ from typing import Any
 import asyncpg
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from aiomq import AsyncMQSource, AsyncMQWorker, JobContext
 
+from ..faults import hook_listener_statements
 from . import (
     LISTENER_APP,
     MODEL,
@@ -135,18 +136,24 @@ async def _drained(url: str) -> bool:
 
 
 class _ReplyLost:
-    """Fault injection on an engine: the first claim statement commits (autocommit), then the client
-    behaves as if the connection died before the reply arrived. PostgreSQL does this when a backend is
+    """Fault injection on a worker: its first claim statement commits (autocommit), then its connection is
+    terminated and the worker sees the error instead of the reply. PostgreSQL does this when a backend is
     terminated (``pg_terminate_backend``, an immediate shutdown, a network cut) between the commit of an
     autocommit statement and the delivery of its result."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, worker: AsyncMQWorker, admin: asyncpg.Connection) -> None:
         self.fired = 0
-        sa.event.listen(engine.sync_engine, "after_cursor_execute", self.after_execute)
+        self.admin = admin
+        hook_listener_statements(worker, after=self.after_statement)
 
-    def after_execute(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if self.fired == 0 and statement.lstrip().startswith("WITH locked AS"):
+    async def after_statement(self, sql: str) -> None:
+        if self.fired == 0 and sql.lstrip().startswith("WITH locked AS"):
             self.fired += 1
+            await self.admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND application_name LIKE $1",
+                f"{LISTENER_APP} %",
+            )
             raise ConnectionResetError("injected: the connection died before the claim's reply arrived")
 
 
@@ -158,6 +165,7 @@ async def test_claim_whose_reply_is_lost_does_not_strand_its_jobs(chaos_db: str)
     if the worker forgets them they are stranded until it exits.
     """
     engine = create_async_engine(with_driver(chaos_db, "postgresql+asyncpg"))
+    admin = await asyncpg.connect(chaos_db)
     ran: list[int] = []
 
     async def handler(job: JobContext) -> None:
@@ -166,7 +174,6 @@ async def test_claim_whose_reply_is_lost_does_not_strand_its_jobs(chaos_db: str)
     try:
         source = AsyncMQSource(engine=engine, model=MODEL)
         jobs = [(await source.call("chaos_a", "work", {"n": i})).id for i in range(3)]
-        injector = _ReplyLost(engine)
         worker = AsyncMQWorker(
             engine=engine,
             queues={"chaos_a": handler},
@@ -174,6 +181,7 @@ async def test_claim_whose_reply_is_lost_does_not_strand_its_jobs(chaos_db: str)
             timeout=1,
             retry_intervals=(0.05, 0.1, 0.2),
         )
+        injector = _ReplyLost(worker, admin)
         async with worker:
             done = await wait_until(lambda: _all_completed(source, jobs), timeout=2 * 1 + 3)
             states = {j: (await source.get_job(j)).state for j in jobs}
@@ -181,6 +189,7 @@ async def test_claim_whose_reply_is_lost_does_not_strand_its_jobs(chaos_db: str)
         assert done, f"jobs stranded after a claim whose reply was lost: {states}, handler ran {ran}"
         assert sorted(ran) == sorted(jobs)
     finally:
+        await admin.close()
         await engine.dispose()
 
 
@@ -192,17 +201,17 @@ async def _all_completed(source: AsyncMQSource, ids: list[int]) -> bool:
 
 
 class _FirstClaimFails:
-    """Fault injection: the first claim statement dies before it reaches the server (its pool connection
-    was terminated), so the worker retries the claim after its first retry interval."""
+    """Fault injection: the first claim statement fails before it reaches the server, so the worker
+    retries the claim after its first retry interval."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, worker: AsyncMQWorker) -> None:
         self.failed_at: float | None = None
-        sa.event.listen(engine.sync_engine, "before_cursor_execute", self.before_execute)
+        hook_listener_statements(worker, before=self.before_statement)
 
-    def before_execute(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if self.failed_at is None and statement.lstrip().startswith("WITH locked AS"):
+    async def before_statement(self, sql: str) -> None:
+        if self.failed_at is None and sql.lstrip().startswith("WITH locked AS"):
             self.failed_at = time.time()
-            raise ConnectionResetError("injected: the pool connection died under the claim")
+            raise ConnectionResetError("injected: the claim never reached the server")
 
 
 @pytest.mark.timeout(60)
@@ -217,7 +226,6 @@ async def test_retried_claim_stamps_the_time_it_claimed(chaos_db: str) -> None:
     try:
         source = AsyncMQSource(engine=engine, model=MODEL)
         job = await source.call("chaos_a", "work", {})
-        injector = _FirstClaimFails(engine)
 
         async def handler(job: JobContext) -> None:
             return None
@@ -225,6 +233,7 @@ async def test_retried_claim_stamps_the_time_it_claimed(chaos_db: str) -> None:
         worker = AsyncMQWorker(
             engine=engine, queues={"chaos_a": handler}, model=MODEL, retry_intervals=(backoff, 1.0)
         )
+        injector = _FirstClaimFails(worker)
         async with worker:
             info = await source.wait_for_job(job.id, timeout=10)
         assert injector.failed_at is not None
@@ -265,7 +274,9 @@ async def test_no_claim_while_the_listener_is_down(chaos_db: str) -> None:
         if statement.startswith("DELETE FROM mq_lock") and not kills:
             kills.append(asyncio.get_running_loop().create_task(kill_listener()))
             raise ConnectionResetError("injected: the database went away during maintenance")
-        if statement.startswith("WITH locked AS"):
+
+    async def before_statement(sql: str) -> None:
+        if sql.startswith("WITH locked AS"):
             claims.append(bool(worker.get_status()["listener_connected"]))
 
     async def handler(job: JobContext) -> None:
@@ -283,6 +294,7 @@ async def test_no_claim_while_the_listener_is_down(chaos_db: str) -> None:
             retry_intervals=(0.3, 0.3, 0.3),
         )
         sa.event.listen(engine.sync_engine, "before_cursor_execute", before_execute)
+        hook_listener_statements(worker, before=before_statement)
         async with worker:
             info = await source.wait_for_job(job.id, timeout=10, poll_interval=0.1)
         await asyncio.gather(*kills)
