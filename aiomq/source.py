@@ -9,7 +9,7 @@ import inspect
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import sqlalchemy as sa
@@ -89,23 +89,19 @@ class AsyncMQSource:
         self.dbsession = dbsession
         self.engine = engine
         self._st = sql.statements(model)
+        self._autocommit = None if engine is None else engine.execution_options(isolation_level="AUTOCOMMIT")
 
     # ---------------------------------------------------------------- plumbing
 
     @contextlib.asynccontextmanager
     async def _session(self) -> AsyncIterator[AsyncSession]:
-        try:
+        with _schema_errors():
             if self.dbsession is not None:
                 yield self.dbsession
             else:
                 assert self.engine is not None
                 async with AsyncSession(self.engine, expire_on_commit=False) as session, session.begin():
                     yield session
-        except sa.exc.DBAPIError as ex:
-            if sqlstate(ex) == "42P01":
-                match = _MISSING_TABLE.search(str(ex))
-                raise SchemaMissingError(match.group(1) if match else "mq_job") from ex
-            raise
 
     def _bound_engine(self) -> AsyncEngine:
         if self.engine is not None:
@@ -158,6 +154,14 @@ class AsyncMQSource:
             schedule_ids=schedule_ids,
             listener_ids=listener_ids,
         )
+        if self._autocommit is not None and not schedule_ids and not listener_ids:
+            # Engine mode: a new job is one autocommit statement (INSERT and NOTIFY), one round trip.
+            # A collapse (no row) changed nothing: joining takes the transaction below.
+            with _schema_errors():
+                async with self._autocommit.connect() as conn:
+                    row = (await conn.execute(*self._enqueue_notify(params))).first()
+            if row is not None:
+                return self._queued(params, row)
         async with self._session() as session:
             return await self._enqueue(
                 session,
@@ -166,6 +170,19 @@ class AsyncMQSource:
                 schedule_ids=schedule_ids,
                 listener_ids=listener_ids,
             )
+
+    def _enqueue_notify(self, params: dict[str, Any]) -> tuple[sa.Executable, dict[str, Any]]:
+        """The INSERT-and-NOTIFY statement for ``params`` (from ``_call_params``), and its parameters."""
+        extra = {
+            "channel": f"{self.model.channel_prefix}{params['queue']}",
+            "t": _epoch(params["scheduled_time"]),
+        }
+        return self._st.enqueue_notify(params), {**params, **extra}
+
+    def _queued(self, params: dict[str, Any], row: Any) -> QueuedJob:
+        queue, method, cursor_key = params["queue"], params["method"], params["cursor_key"]
+        log.info("queued job %s (%s.%s, cursor_key=%s)", row.id, queue, method, cursor_key)
+        return QueuedJob(row.id, queue, method, cursor_key, row.scheduled_time, True)
 
     async def _call_in(
         self, session: AsyncSession, queue: str, method: str, args: Any, **kw: Any
@@ -245,12 +262,15 @@ class AsyncMQSource:
             params["scheduled_time"],
         )
         while True:
-            row = (await session.execute(self._st.enqueue, params)).first()
+            if hints is None:  # the INSERT sends its own NOTIFY
+                row = (await session.execute(*self._enqueue_notify(params))).first()
+            else:
+                row = (await session.execute(self._st.enqueue, params)).first()
             if row is not None:
                 await self._link(session, row.id, schedule_ids, listener_ids)
-                await self._hint(session, hints, queue, row.id, when)
-                log.info("queued job %s (%s.%s, cursor_key=%s)", row.id, queue, method, cursor_key)
-                return QueuedJob(row.id, queue, method, cursor_key, row.scheduled_time, True)
+                if hints is not None:
+                    await self._hint(session, hints, queue, row.id, when)
+                return self._queued(params, row)
             # A collapsible job is pending on this slot: join it. If it left pending between the two
             # statements (READ COMMITTED), insert again.
             job = (
@@ -845,6 +865,18 @@ _BULK_COLUMNS = {
     "args": "args_json",
     "traces": "trace_json",
 }
+
+
+@contextlib.contextmanager
+def _schema_errors() -> Iterator[None]:
+    """A missing table surfaces as SchemaMissingError naming it."""
+    try:
+        yield
+    except sa.exc.DBAPIError as ex:
+        if sqlstate(ex) == "42P01":
+            match = _MISSING_TABLE.search(str(ex))
+            raise SchemaMissingError(match.group(1) if match else "mq_job") from ex
+        raise
 
 
 def _slot(params: dict[str, Any]) -> tuple[str, str, str]:

@@ -8,6 +8,7 @@ index whose predicate is ``state = 'pending'`` (an ``ON CONFLICT`` arbiter then 
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from typing import Any
 
 import sqlalchemy as sa
@@ -101,6 +102,8 @@ class Statements:
             )
             .returning(job.c.id, job.c.scheduled_time)
         )
+
+        self._enqueue_notify: dict[frozenset[str], sa.Executable] = {}
 
         #: Enqueue many non-collapsible jobs in one statement (arrays ``created``, ``scheduled``, ``queues``,
         #: ``methods``, ``cursor_keys``, ``args`` and ``traces`` as JSON text), inserted in array order.
@@ -499,6 +502,44 @@ class Statements:
 
         #: The table names that must exist (checked at worker start).
         self.tables = [t.name for t in (job, cursor, lock)]
+
+    def enqueue_notify(self, columns: Iterable[str]) -> sa.Executable:
+        """``enqueue`` and the queue's NOTIFY in one statement (one round trip fewer per call).
+
+        Params: the job's ``columns`` (as for ``enqueue``), ``args_json``, ``trace_json``, ``channel`` and
+        ``t`` (the epoch seconds of ``scheduled_time``). Returns ``id, scheduled_time`` of the new job and
+        sends ``{"j": id, "t": t}``, byte for byte as ``json.dumps`` writes it; no row and no NOTIFY when
+        the job would collapse (the caller then joins the pending job).
+        """
+        key = frozenset(columns) - {"args_json", "trace_json"}
+        statement = self._enqueue_notify.get(key)
+        if statement is None:
+            job = self.job
+            queued = (
+                pg_insert(job)
+                .values(
+                    state=self.pending,
+                    args=_json("args_json"),
+                    trace=_json("trace_json"),
+                    **{name: sa.bindparam(name, type_=job.c[name].type) for name in sorted(key)},
+                )
+                .on_conflict_do_nothing(
+                    index_elements=[job.c.cursor_key, job.c.queue, job.c.method],
+                    index_where=sa.and_(job.c.state == self.pending, job.c.collapsible == sa.true()),
+                )
+                .returning(job.c.id, job.c.scheduled_time)
+                .cte("queued")
+            )
+            payload = sa.func.concat(
+                '{"j": ', queued.c.id, ', "t": ', sa.bindparam("t", type_=sa.BigInteger), "}"
+            )
+            statement = sa.select(
+                queued.c.id,
+                queued.c.scheduled_time,
+                sa.func.pg_notify(sa.bindparam("channel", type_=sa.Text), payload).label("notified"),
+            ).select_from(queued)
+            self._enqueue_notify[key] = statement
+        return statement
 
 
 @functools.cache

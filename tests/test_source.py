@@ -287,6 +287,21 @@ async def test_call_with_cursor_and_no_collapse_is_not_collapsible(source: Async
 # ---------------------------------------------------------------------------------------------- modes
 
 
+async def test_notify_payload_text_is_psycopg2_mqs_byte_for_byte(
+    source: AsyncMQSource,
+    session: AsyncSession,
+    session_source: AsyncMQSource,
+    notes: Notifications,
+) -> None:
+    """The INSERT sends its own NOTIFY, in engine and session mode; the text is what json.dumps writes."""
+    in_engine_mode = await source.call("q", "m", when=T0, now=T0)
+    in_session_mode = await session_source.call("q", "m", when=T0, now=T0)
+    await session.commit()
+    await notes.settle()
+    texts = [payload for channel, payload in notes.received if channel == "mq_q"]
+    assert texts == [json.dumps({"j": job.id, "t": epoch(T0)}) for job in (in_engine_mode, in_session_mode)]
+
+
 async def test_dbsession_rollback_leaves_no_row_and_no_notify(
     session: AsyncSession, session_source: AsyncMQSource, db: Any, notes: Notifications
 ) -> None:
