@@ -222,7 +222,7 @@ class AsyncMQSource:
         args_json = dump_json({} if args is None else args, "args")
         trace = _merge_ids(trace, "mq_schedule_ids", schedule_ids)
         trace = _merge_ids(trace, "mq_listener_ids", listener_ids)
-        trace_json = dump_json(trace, "trace")
+        trace_json = "null" if trace is None else dump_json(trace, "trace")
         extra = dict(job_kwargs or {})
         columns = self._st.job.c
         for key in extra:
@@ -328,6 +328,7 @@ class AsyncMQSource:
         call raises (naming its position) before any SQL.
         """
         planned: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        batch_now = utcnow()  # one transaction, one created_time (unless a call gives its own now)
         for index, call in enumerate(calls):
             kw = dict(call)
             unknown = set(kw) - _CALL_MANY_KEYS
@@ -342,7 +343,7 @@ class AsyncMQSource:
                 _ids(kw.get("listener_ids")),
             )
             try:
-                params = self._call_params(queue, method, args, **kw)
+                params = self._call_params(queue, method, args, **{"now": batch_now, **kw})
             except (TypeError, ValueError) as ex:
                 raise type(ex)(f"call {index}: {ex}") from ex
             planned.append((params, kw))
@@ -372,7 +373,9 @@ class AsyncMQSource:
                     results[i] = QueuedJob(
                         row.id, p["queue"], p["method"], p["cursor_key"], row.scheduled_time, True
                     )
-                    await self._hint(session, hints, p["queue"], row.id, row.scheduled_time)
+                    hint, current = (_epoch(row.scheduled_time), row.id), hints.get(p["queue"])
+                    if current is None or hint < current:  # one NOTIFY per queue, for its earliest job
+                        hints[p["queue"]] = hint
             for i in rest:
                 params, kw = planned[i]
                 results[i] = await self._enqueue(
