@@ -70,7 +70,8 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
         _, model = make_model()
         engine = create_async_engine(url)
         queues = {queue: fn for queue, (fn, _) in handlers.items()}  # aiomq tells async from sync
-        worker = AsyncMQWorker(engine=engine, queues=queues, model=model, timeout=60)
+        concurrency = int(spec.get("concurrency", 10))  # aiomq's default unless the spec says
+        worker = AsyncMQWorker(engine=engine, queues=queues, model=model, timeout=60, concurrency=concurrency)
         rss_start = rss_kib()
         start = time.perf_counter()
         task = asyncio.create_task(worker.run_until_idle())

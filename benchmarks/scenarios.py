@@ -296,8 +296,11 @@ async def drain(
     ``capped`` by ``time_limit``.
     """
     queues = dict(queues or {QUEUE: "async"})
+    name = impl
+    impl, _, concurrency = impl.partition("@")  # "aiomq@50": aiomq with concurrency=50
     spec = {
         "impl": impl,
+        **({"concurrency": int(concurrency)} if concurrency else {}),
         "queues": queues,
         "rss_at": list(rss_at),
         "mark_at": list(mark_at),
@@ -309,12 +312,12 @@ async def drain(
         states = await count_states(url)
     handled = result["handled"]
     if not result["capped"] and (states.get("completed") != count or handled != count):
-        raise RuntimeError(f"{impl} drain of {count} jobs ended with {states}, {handled} handled")
+        raise RuntimeError(f"{name} drain of {count} jobs ended with {states}, {handled} handled")
     result["jobs"] = count
     result["states"] = states
     result["jobs_per_s"] = handled / result["seconds"]
     ctx.log(
-        f"{impl}: {handled:,} of {count:,} jobs in {result['seconds']:.2f} s = {result['jobs_per_s']:,.0f} "
+        f"{name}: {handled:,} of {count:,} jobs in {result['seconds']:.2f} s = {result['jobs_per_s']:,.0f} "
         f"jobs/s{' (stopped at the time limit)' if result['capped'] else ''}, "
         f"peak RSS {result['peak_rss_kib'] / 1024:.1f} MiB"
     )
@@ -341,16 +344,24 @@ _RAW100 = "asyncpg 100/claim, 1 finish"
 
 async def plain_drain(ctx: Context) -> Scenario:
     n = ctx.sizes.drain
-    runs = await _drains(ctx, ["aiomq", "raw1", "raw100"], n)
+    runs = await _drains(ctx, ["aiomq", "raw1", "raw100", "aiomq@50"], n)
     rate = _rate(runs["aiomq"])
     return Scenario(
         "drain",
-        f"drain {n:,} pre-loaded no-op jobs",
+        f"drain {n:,} pre-loaded no-op jobs (aiomq at its default concurrency=10, and at 50)",
         {"jobs": n, "runs": ctx.sizes.drain_runs},
         runs,
         [
             Row("3 drain", f"{n:,} no-op jobs", "jobs/s", rate, _RAW1, _rate(runs["raw1"])),
             Row("3 drain", f"{n:,} no-op jobs", "jobs/s", rate, _RAW100, _rate(runs["raw100"])),
+            Row(
+                "3 drain",
+                f"{n:,} no-op jobs, concurrency=50",
+                "jobs/s",
+                _rate(runs["aiomq@50"]),
+                _RAW100,
+                _rate(runs["raw100"]),
+            ),
         ],
     )
 
