@@ -273,33 +273,76 @@ class Statements:
             .returning(*finished_columns, job.c.cursor_key, job.c.state)
             .cte("recorded")
         )
-        #: The same for jobs without a cursor whose event nobody listens to: one statement, so it can run
-        #: in autocommit, in one round trip. Jobs it leaves out go through ``finish_many`` in a transaction.
-        plain = (
+        #: The same for jobs whose event nobody listens to, with their cursors (array ``cursors``: the
+        #: cursor's JSON text to save, or NULL), in one statement, so it runs in autocommit in one round
+        #: trip: record the outcomes, save the cursors, send each job's mq.job_finished hint and one hint
+        #: per queue with a pending job on a freed cursor. Jobs it leaves out (someone listens, or no
+        #: longer running or lost) go through ``finish_many`` in a transaction.
+        quiet_done = (
+            sa.func.unnest(
+                sa.bindparam("ids", type_=pg.ARRAY(sa.BigInteger)),
+                sa.bindparam("states", type_=pg.ARRAY(sa.Text)),
+                sa.bindparam("results", type_=pg.ARRAY(sa.Text)),
+                sa.bindparam("cursors", type_=pg.ARRAY(sa.Text)),
+            )
+            .table_valued("id", "state", "result", "cursor")
+            .render_derived(name="done", with_types=False)
+        )
+        quiet = (
             job.update()
-            .where(job.c.id == done.c.id)
+            .where(job.c.id == quiet_done.c.id)
             .where(job.c.state.in_([running, lost]))
-            .where(job.c.cursor_key.is_(None))
-            .where(~listened(done.c.state))
+            .where(~listened(quiet_done.c.state))
             .values(
-                state=sa.cast(done.c.state, job.c.state.type),
-                result=sa.cast(done.c.result, pg.JSONB),
+                state=sa.cast(quiet_done.c.state, job.c.state.type),
+                result=sa.cast(quiet_done.c.result, pg.JSONB),
                 end_time=sa.bindparam("now", type_=sa.DateTime),
                 lock_id=None,
             )
-            .returning(job.c.id, job.c.state)
+            .returning(job.c.id, job.c.state, job.c.cursor_key, quiet_done.c.cursor)
             .cte("recorded")
         )
-        self.finish_plain = sa.select(
-            plain.c.id,
+        saved = pg_insert(cursor).from_select(
+            ["key", "properties", "updated_job_id"],
+            sa.select(quiet.c.cursor_key, sa.cast(quiet.c.cursor, pg.JSONB), quiet.c.id)
+            .where(quiet.c.cursor.isnot(None))
+            .where(quiet.c.cursor_key.isnot(None)),
+        )
+        saved_cte = saved.on_conflict_do_update(
+            index_elements=[cursor.c.key],
+            set_={"properties": saved.excluded.properties, "updated_job_id": saved.excluded.updated_job_id},
+            where=cursor.c.properties.is_distinct_from(saved.excluded.properties),
+        ).cte("saved")
+        freed = (
+            sa.select(
+                job.c.queue,
+                sa.func.min(job.c.id).label("id"),
+                sa.func.min(job.c.scheduled_time).label("scheduled_time"),
+            )
+            .where(job.c.state == self.pending)
+            .where(job.c.cursor_key.in_(sa.select(quiet.c.cursor_key).where(quiet.c.cursor_key.isnot(None))))
+            .group_by(job.c.queue)
+            .subquery("successor")
+        )
+        freed_epoch = sa.cast(sa.func.floor(sa.extract("epoch", freed.c.scheduled_time)), sa.BigInteger)
+        hinted = sa.select(
+            sa.func.pg_notify(
+                sa.literal(model.channel_prefix, sa.Text) + freed.c.queue,
+                sa.cast(sa.func.json_build_object("j", freed.c.id, "t", freed_epoch), sa.Text),
+            ).label("hint")
+        ).cte("hinted")
+        self.finish_quiet = sa.select(
+            quiet.c.id,
             sa.func.pg_notify(
                 sa.literal(FINISHED_CHANNEL, sa.Text),
                 sa.cast(
-                    sa.func.json_build_object("j", plain.c.id, "s", sa.cast(plain.c.state, sa.Text)),
+                    sa.func.json_build_object("j", quiet.c.id, "s", sa.cast(quiet.c.state, sa.Text)),
                     sa.Text,
                 ),
             ).label("notified"),
-        )
+            # A SELECT CTE runs only where it is read: read the successor hints once (an InitPlan).
+            sa.select(sa.func.count()).select_from(hinted).scalar_subquery().label("hints"),
+        ).add_cte(saved_cte)
         self.finish_many = sa.select(
             recorded,
             sa.func.pg_notify(

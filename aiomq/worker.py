@@ -141,7 +141,7 @@ class AsyncMQWorker:
         self._claim_sql = Compiled(self._st.claim, engine.dialect)
         self._adopt_sql = Compiled(self._st.adopt, engine.dialect)
         self._next_due_sql = Compiled(self._st.next_due, engine.dialect)
-        self._finish_plain_sql = Compiled(self._st.finish_plain, engine.dialect)
+        self._finish_quiet_sql = Compiled(self._st.finish_quiet, engine.dialect)
         self._channels = {f"{model.channel_prefix}{q}": q for q in self.queues}
 
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -844,24 +844,24 @@ class AsyncMQWorker:
                         done.set_result(None)
 
     async def _finish_batch(self, records: list[_Record]) -> None:
-        """Record many outcomes: plain ones in one autocommit statement, the rest (cursor saves, events,
-        successors, and those the statement left out) in one transaction. Retried while retryable."""
-        plain = [r for r in records if r.job.cursor_key is None]
-        if plain:
-            rows = await self._retrying(len(plain), lambda: self._finish_plain(plain))
-            done = {row["id"] for row in rows}
-            for record in plain:
-                if record.job.id in done:
-                    self._log_recorded(record, True)
-            records = [r for r in records if r.job.id not in done]
+        """Record many outcomes: those whose event nobody listens to (with their cursors) in one autocommit
+        statement, the rest (events, and those the statement left out) in one transaction. Retried while
+        retryable."""
+        rows = await self._retrying(len(records), lambda: self._finish_quiet(records))
+        done = {row["id"] for row in rows}
+        for record in records:
+            if record.job.id in done:
+                self._log_recorded(record, True)
+        records = [r for r in records if r.job.id not in done]
         if records:
             await self._finish_in_transaction(records)
 
-    async def _finish_plain(self, records: list[_Record]) -> list[Any]:
+    async def _finish_quiet(self, records: list[_Record]) -> list[Any]:
         params = {
             "ids": [r.job.id for r in records],
             "states": [r.state for r in records],
             "results": [r.result_json for r in records],
+            "cursors": [r.cursor_json for r in records],
             "now": self.clock(),
         }
         # One statement on a pooled connection's driver: SQLAlchemy's execution path was a quarter of
@@ -871,7 +871,7 @@ class AsyncMQWorker:
             assert driver is not None
             try:
                 rows: list[Any] = await driver.fetch(
-                    self._finish_plain_sql.sql, *self._finish_plain_sql.args(params)
+                    self._finish_quiet_sql.sql, *self._finish_quiet_sql.args(params)
                 )
             except Exception as ex:
                 if not isinstance(ex, asyncpg.PostgresError):
