@@ -53,11 +53,12 @@ def _epoch(when: datetime.datetime) -> int:
     return int((when - _EPOCH).total_seconds())
 
 
-def _as_time(value: Any, now: datetime.datetime, what: str) -> datetime.datetime:
+def _as_time(value: Any, now: datetime.datetime | None, what: str) -> datetime.datetime:
+    """A datetime as naive UTC, or a timedelta from ``now`` (None: the current time)."""
     if isinstance(value, datetime.datetime):
         return to_naive_utc(value)
     if isinstance(value, datetime.timedelta):
-        return now + value
+        return (utcnow() if now is None else now) + value
     raise TypeError(f"{what} must be a datetime or a timedelta, got {type(value).__name__}")
 
 
@@ -217,7 +218,7 @@ class AsyncMQSource:
         check_queue_name(queue)
         _check_method(method)
         collapse = _collapse(collapse_on_cursor, cursor_key)
-        now = utcnow() if now is None else _as_time(now, utcnow(), "now")
+        now = utcnow() if now is None else _as_time(now, None, "now")
         when = now if when is None else _as_time(when, now, "when")
         args_json = dump_json({} if args is None else args, "args")
         trace = _merge_ids(trace, "mq_schedule_ids", schedule_ids)
