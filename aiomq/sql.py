@@ -77,6 +77,28 @@ class Statements:
                 .where(listener.c.is_enabled == sa.true())
             )
 
+        def successor_hints(on_keys: sa.ColumnElement[bool]) -> Any:
+            """One ``{"j", "t"}`` hint per queue with a pending job whose cursor is ``on_keys``, on that
+            queue's channel: it wakes whoever serves the next job of a freed cursor."""
+            successor = (
+                sa.select(
+                    job.c.queue,
+                    sa.func.min(job.c.id).label("id"),
+                    sa.func.min(job.c.scheduled_time).label("scheduled_time"),
+                )
+                .where(job.c.state == self.pending)
+                .where(on_keys)
+                .group_by(job.c.queue)
+                .subquery("successor")
+            )
+            epoch = sa.cast(sa.func.floor(sa.extract("epoch", successor.c.scheduled_time)), sa.BigInteger)
+            return sa.select(
+                sa.func.pg_notify(
+                    sa.literal(model.channel_prefix, sa.Text) + successor.c.queue,
+                    sa.cast(sa.func.json_build_object("j", successor.c.id, "t", epoch), sa.Text),
+                ).label("hint")
+            )
+
         has_listeners = listened(job.c.state).label("has_listeners")
         finished_columns = (
             job.c.id,
@@ -89,19 +111,7 @@ class Statements:
 
         #: Enqueue (params: the job's columns, ``args``/``trace`` as JSON text). The arbiter is the collapse
         #: index, so only a collapsible insert can conflict; then no row comes back and the caller joins.
-        self.enqueue = (
-            pg_insert(job)
-            .values(
-                state=self.pending,
-                args=_json("args_json"),
-                trace=_json("trace_json"),
-            )
-            .on_conflict_do_nothing(
-                index_elements=[job.c.cursor_key, job.c.queue, job.c.method],
-                index_where=sa.and_(job.c.state == self.pending, job.c.collapsible == sa.true()),
-            )
-            .returning(job.c.id, job.c.scheduled_time)
-        )
+        self.enqueue = self._insert_job({})
 
         self._enqueue_notify: dict[frozenset[str], sa.Executable] = {}
 
@@ -313,23 +323,8 @@ class Statements:
             set_={"properties": saved.excluded.properties, "updated_job_id": saved.excluded.updated_job_id},
             where=cursor.c.properties.is_distinct_from(saved.excluded.properties),
         ).cte("saved")
-        freed = (
-            sa.select(
-                job.c.queue,
-                sa.func.min(job.c.id).label("id"),
-                sa.func.min(job.c.scheduled_time).label("scheduled_time"),
-            )
-            .where(job.c.state == self.pending)
-            .where(job.c.cursor_key.in_(sa.select(quiet.c.cursor_key).where(quiet.c.cursor_key.isnot(None))))
-            .group_by(job.c.queue)
-            .subquery("successor")
-        )
-        freed_epoch = sa.cast(sa.func.floor(sa.extract("epoch", freed.c.scheduled_time)), sa.BigInteger)
-        hinted = sa.select(
-            sa.func.pg_notify(
-                sa.literal(model.channel_prefix, sa.Text) + freed.c.queue,
-                sa.cast(sa.func.json_build_object("j", freed.c.id, "t", freed_epoch), sa.Text),
-            ).label("hint")
+        hinted = successor_hints(
+            job.c.cursor_key.in_(sa.select(quiet.c.cursor_key).where(quiet.c.cursor_key.isnot(None)))
         ).cte("hinted")
         self.finish_quiet = sa.select(
             quiet.c.id,
@@ -524,27 +519,26 @@ class Statements:
 
         #: Wake whoever serves the next job on cursors ``keys``: one ``{"j", "t"}`` hint per queue that has a
         #: pending job on one of them, on that queue's own channel.
-        successor = (
-            sa.select(
-                job.c.queue,
-                sa.func.min(job.c.id).label("id"),
-                sa.func.min(job.c.scheduled_time).label("scheduled_time"),
-            )
-            .where(job.c.state == self.pending)
-            .where(job.c.cursor_key == sa.any_(sa.bindparam("keys", type_=pg.ARRAY(sa.Text))))
-            .group_by(job.c.queue)
-            .subquery("successor")
-        )
-        epoch = sa.cast(sa.func.floor(sa.extract("epoch", successor.c.scheduled_time)), sa.BigInteger)
-        self.notify_successors = sa.select(
-            sa.func.pg_notify(
-                sa.literal(model.channel_prefix, sa.Text) + successor.c.queue,
-                sa.cast(sa.func.json_build_object("j", successor.c.id, "t", epoch), sa.Text),
-            )
+        self.notify_successors = successor_hints(
+            job.c.cursor_key == sa.any_(sa.bindparam("keys", type_=pg.ARRAY(sa.Text)))
         )
 
         #: The table names that must exist (checked at worker start).
         self.tables = [t.name for t in (job, cursor, lock)]
+
+    def _insert_job(self, columns: dict[str, Any]) -> Any:
+        """INSERT a pending job (``columns`` as given, or from the execution's parameters), RETURNING
+        ``id, scheduled_time``; nothing when it would collapse into a pending collapsible job."""
+        job = self.job
+        return (
+            pg_insert(job)
+            .values(state=self.pending, args=_json("args_json"), trace=_json("trace_json"), **columns)
+            .on_conflict_do_nothing(
+                index_elements=[job.c.cursor_key, job.c.queue, job.c.method],
+                index_where=sa.and_(job.c.state == self.pending, job.c.collapsible == sa.true()),
+            )
+            .returning(job.c.id, job.c.scheduled_time)
+        )
 
     def enqueue_notify(self, columns: Iterable[str]) -> sa.Executable:
         """``enqueue`` and the queue's NOTIFY in one statement (one round trip fewer per call).
@@ -558,21 +552,8 @@ class Statements:
         statement = self._enqueue_notify.get(key)
         if statement is None:
             job = self.job
-            queued = (
-                pg_insert(job)
-                .values(
-                    state=self.pending,
-                    args=_json("args_json"),
-                    trace=_json("trace_json"),
-                    **{name: sa.bindparam(name, type_=job.c[name].type) for name in sorted(key)},
-                )
-                .on_conflict_do_nothing(
-                    index_elements=[job.c.cursor_key, job.c.queue, job.c.method],
-                    index_where=sa.and_(job.c.state == self.pending, job.c.collapsible == sa.true()),
-                )
-                .returning(job.c.id, job.c.scheduled_time)
-                .cte("queued")
-            )
+            columns = {name: sa.bindparam(name, type_=job.c[name].type) for name in sorted(key)}
+            queued = self._insert_job(columns).cte("queued")
             payload = sa.func.concat(
                 '{"j": ', queued.c.id, ', "t": ', sa.bindparam("t", type_=sa.BigInteger), "}"
             )
