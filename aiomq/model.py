@@ -161,6 +161,15 @@ def make_default_model(metadata: sa.MetaData, JobStates: type[JobStates] = JobSt
         job.c.id,
         postgresql_where=job.c.state == sa.literal_column(_quote(states.PENDING)),
     )
+    # aiomq's own: a finish looks up the pending successors of the cursors it frees, so that lookup
+    # does not read the whole pending backlog either.
+    sa.Index(
+        "ix_aiomq_job_pending_cursor",
+        job.c.cursor_key,
+        postgresql_where=sa.and_(
+            job.c.state == sa.literal_column(_quote(states.PENDING)), job.c.cursor_key.isnot(None)
+        ),
+    )
 
     class JobCursor(Base):
         __tablename__ = "mq_job_cursor"

@@ -323,9 +323,10 @@ class Statements:
             set_={"properties": saved.excluded.properties, "updated_job_id": saved.excluded.updated_job_id},
             where=cursor.c.properties.is_distinct_from(saved.excluded.properties),
         ).cte("saved")
-        hinted = successor_hints(
-            job.c.cursor_key.in_(sa.select(quiet.c.cursor_key).where(quiet.c.cursor_key.isnot(None)))
-        ).cte("hinted")
+        freed_keys = sa.func.array(
+            sa.select(quiet.c.cursor_key).where(quiet.c.cursor_key.isnot(None)).scalar_subquery()
+        )
+        hinted = successor_hints(job.c.cursor_key == sa.any_(freed_keys)).cte("hinted")
         self.finish_quiet = sa.select(
             quiet.c.id,
             sa.func.pg_notify(
