@@ -7,7 +7,7 @@ import traceback
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-__all__ = ["check_text", "dump_json", "error_result", "safe_object", "scrub_nul"]
+__all__ = ["MAX_KEY_BYTES", "check_text", "dump_json", "error_result", "safe_object", "scrub_nul"]
 
 
 def dump_json(value: Any, what: str) -> str:
@@ -31,14 +31,25 @@ def dump_json(value: Any, what: str) -> str:
     return text
 
 
-def check_text(value: str, what: str) -> str:
-    """``value`` if PostgreSQL can store it as text, else ``ValueError`` (NUL, lone surrogates)."""
+#: The longest method and cursor_key, in UTF-8 bytes. Both are in btree indexes (the collapse index holds
+#: both, with the queue), whose entries PostgreSQL caps at about 2,700 bytes: a longer key would fail when
+#: the job is inserted or, worse, claimed.
+MAX_KEY_BYTES = 1024
+
+
+def check_text(value: str, what: str, *, max_bytes: int | None = None) -> str:
+    """``value`` if PostgreSQL can store it as text (and index it, within ``max_bytes``), else ``ValueError``
+    (NUL, lone surrogates, too long)."""
     if "\x00" in value:
         raise ValueError(f"{what} contains a NUL character (\\x00), which PostgreSQL cannot store")
     try:
-        value.encode("utf-8")
+        encoded = value.encode("utf-8")
     except UnicodeEncodeError:
         raise ValueError(f"{what} contains a lone surrogate, which PostgreSQL cannot store") from None
+    if max_bytes is not None and len(encoded) > max_bytes:
+        raise ValueError(
+            f"{what} is {len(encoded)} bytes long (UTF-8); at most {max_bytes}, as it is part of an index"
+        )
     return value
 
 

@@ -23,7 +23,7 @@ from .model import Model
 from .records import JobInfo, QueuedJob, check_queue_name, to_naive_utc, utcnow
 from .retry import sqlstate
 from .schedules import check_rrule, next_rrule_time
-from .serialize import check_text, dump_json
+from .serialize import MAX_KEY_BYTES, check_text, dump_json
 from .waiters import wait_for_job
 
 __all__ = ["AsyncMQSource"]
@@ -906,14 +906,14 @@ def _ids(ids: Iterable[int] | None) -> list[int] | None:
 def _check_method(method: object) -> None:
     if not isinstance(method, str) or not method:
         raise ValueError(f"method must be a non-empty string, got {method!r}")
-    check_text(method, "method")
+    check_text(method, "method", max_bytes=MAX_KEY_BYTES)
 
 
 def _collapse(collapse_on_cursor: bool | None, cursor_key: str | None) -> bool:
     if cursor_key is not None:
         if not isinstance(cursor_key, str):
             raise TypeError(f"cursor_key must be a string, got {type(cursor_key).__name__}")
-        check_text(cursor_key, "cursor_key")
+        check_text(cursor_key, "cursor_key", max_bytes=MAX_KEY_BYTES)
     if collapse_on_cursor is None:
         return cursor_key is not None
     if collapse_on_cursor and cursor_key is None:
