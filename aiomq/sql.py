@@ -193,6 +193,8 @@ class Statements:
         ranked = sa.select(
             locked.c.id,
             locked.c.cursor_key,
+            locked.c.scheduled_time,
+            locked.c.created_time,
             sa.func.row_number()
             .over(
                 partition_by=locked.c.cursor_key,
@@ -200,9 +202,25 @@ class Statements:
             )
             .label("rank"),
         ).subquery("ranked")
+        # An earlier due job of the same cursor in these queues that the walk did not lock was skipped:
+        # another worker is claiming it. Taking this one would run the cursor out of order, and a
+        # psycopg2_mq worker (whose claim reads the cursor, then writes the job in a second statement)
+        # could then start that earlier job from a cursor this one is about to change.
+        earlier = job.alias("earlier")
+        skipped_ahead = (
+            sa.exists()
+            .where(earlier.c.cursor_key == ranked.c.cursor_key)
+            .where(earlier.c.state == self.pending)
+            .where(earlier.c.queue == sa.any_(queues))
+            .where(earlier.c.scheduled_time <= sa.bindparam("now", type_=sa.DateTime))
+            .where(
+                sa.tuple_(earlier.c.scheduled_time, earlier.c.created_time, earlier.c.id)
+                < sa.tuple_(ranked.c.scheduled_time, ranked.c.created_time, ranked.c.id)
+            )
+        )
         picked = (
             sa.select(ranked.c.id)
-            .where(sa.or_(ranked.c.cursor_key.is_(None), ranked.c.rank == 1))
+            .where(sa.or_(ranked.c.cursor_key.is_(None), sa.and_(ranked.c.rank == 1, ~skipped_ahead)))
             .cte("picked")
         )
         snapshot = sa.select(cursor.c.properties).where(cursor.c.key == job.c.cursor_key).scalar_subquery()

@@ -796,6 +796,35 @@ async def test_claim_commits_before_handler_starts(
 # ------------------------------------------------------------------------------------------ claim race
 
 
+async def test_a_cursor_whose_first_job_is_being_claimed_elsewhere_is_left_alone(
+    source: AsyncMQSource, make_worker: MakeWorker, db: Any
+) -> None:
+    """Another worker holds the row lock of a cursor's first job (its claim is in flight): SKIP LOCKED
+    passes over it, but the cursor's second job must not be taken, or it would run first, and a
+    psycopg2_mq claim (SELECT, then UPDATE) could start the first one from a cursor about to change."""
+    first = await source.call("q", "m", {"n": 1}, cursor_key="k", collapse_on_cursor=False)
+    second = await source.call("q", "m", {"n": 2}, cursor_key="k", collapse_on_cursor=False)
+    plain = await source.call("q", "m", {"n": 3})
+    ran: list[int] = []
+
+    async def handler(job: JobContext) -> None:
+        ran.append(job.args["n"])
+
+    other = db.transaction()
+    await other.start()
+    await db.execute("SELECT 1 FROM mq_job WHERE id = $1 FOR UPDATE", first.id)
+    try:
+        await make_worker({"q": handler}).run_until_idle()
+        assert ran == [3]
+        assert await job_state(db, second.id) == "pending"
+    finally:
+        await other.rollback()
+    await make_worker({"q": handler}).run_until_idle()
+    assert ran == [3, 1, 2]
+    for job in (first, second, plain):
+        assert await job_state(db, job.id) == "completed"
+
+
 async def test_two_workers_race_on_few_cursors(
     source: AsyncMQSource, make_worker: MakeWorker, engine: AsyncEngine, model: Model, db: Any
 ) -> None:
