@@ -288,10 +288,16 @@ class Statements:
             .table_valued("id", "state", "result")
             .render_derived(name="done", with_types=False)
         )
+        # Finishes look their jobs up by primary key (``id = ANY(:ids)``), and test the state as text so
+        # the planner cannot walk ix_mq_job_state for running jobs instead: until vacuum, that index holds
+        # a dead entry for every job that ever ran, and a load test on a fresh table ran at a fifth of its
+        # speed for a minute.
+        by_key_still_active = sa.cast(job.c.state, sa.Text).in_([_lit(st.RUNNING), _lit(st.LOST)])
         recorded = (
             job.update()
             .where(job.c.id == done.c.id)
-            .where(job.c.state.in_([running, lost]))
+            .where(job.c.id == sa.any_(sa.bindparam("ids", type_=pg.ARRAY(sa.BigInteger))))  # as finish_quiet
+            .where(by_key_still_active)
             .values(
                 state=sa.cast(done.c.state, job.c.state.type),
                 result=sa.cast(done.c.result, pg.JSONB),
@@ -319,7 +325,8 @@ class Statements:
         quiet = (
             job.update()
             .where(job.c.id == quiet_done.c.id)
-            .where(job.c.state.in_([running, lost]))
+            .where(job.c.id == sa.any_(sa.bindparam("ids", type_=pg.ARRAY(sa.BigInteger))))
+            .where(by_key_still_active)
             .where(~listened(quiet_done.c.state))
             .values(
                 state=sa.cast(quiet_done.c.state, job.c.state.type),
