@@ -536,6 +536,32 @@ def _stop_and_remove(proc: subprocess.Popen[bytes], base: pathlib.Path) -> None:
         shutil.rmtree(base, ignore_errors=True)
 
 
+def initdb(
+    bindir: pathlib.Path, data: pathlib.Path, popen_kwargs: dict[str, Any]
+) -> subprocess.CompletedProcess[str]:
+    """``initdb`` a throwaway cluster: trust auth, superuser ``postgres``, UTF8, C locale, no fsync."""
+    return subprocess.run(
+        [
+            str(bindir / "initdb"),
+            "-D",
+            str(data),
+            "--no-sync",
+            "--auth=trust",
+            "-U",
+            "postgres",
+            "-E",
+            "UTF8",
+            "--locale=C",
+        ],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        **popen_kwargs,
+    )
+
+
 def _start_system(tmp_dir: pathlib.Path) -> PgServer:
     del tmp_dir  # may be unreadable for the unprivileged user; use a fresh mkdtemp()
     bindir = _system_bindir()
@@ -555,26 +581,7 @@ def _start_system(tmp_dir: pathlib.Path) -> PgServer:
     who = f" as OS user {run_as.name!r}" if run_as else ""
 
     try:
-        init = subprocess.run(
-            [
-                str(bindir / "initdb"),
-                "-D",
-                str(data),
-                "--no-sync",
-                "--auth=trust",
-                "-U",
-                "postgres",
-                "-E",
-                "UTF8",
-                "--locale=C",
-            ],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-            **popen_kwargs,
-        )
+        init = initdb(bindir, data, popen_kwargs)
     except (OSError, subprocess.SubprocessError) as exc:
         shutil.rmtree(base, ignore_errors=True)
         raise _StartFailed(f"{bindir}/initdb{who} failed: {exc}") from exc

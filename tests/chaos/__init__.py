@@ -51,6 +51,7 @@ from ..pgserver import (
     _Unavailable,
     _unprivileged_user,
     _wait_ready,
+    initdb,
 )
 
 __all__ = [
@@ -199,26 +200,7 @@ class Cluster:
         cluster = cls(bindir, base, run_as)
         if run_as is not None:
             os.chown(base, run_as.uid, run_as.gid)
-        init = subprocess.run(
-            [
-                str(bindir / "initdb"),
-                "-D",
-                str(cluster.data),
-                "--no-sync",
-                "--auth=trust",
-                "-U",
-                "postgres",
-                "-E",
-                "UTF8",
-                "--locale=C",
-            ],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-            **cluster._popen_kwargs(),
-        )
+        init = initdb(bindir, cluster.data, cluster._popen_kwargs())
         if init.returncode != 0:
             shutil.rmtree(base, ignore_errors=True)
             output = "\n".join((init.stdout + init.stderr).splitlines()[-20:])
