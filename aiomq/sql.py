@@ -277,63 +277,52 @@ class Statements:
             .returning(*finished_columns)
         )
 
-        #: Record many outcomes at once (arrays ``ids``, ``states``, ``results`` as JSON text or NULL, and
-        #: ``now``), each only while its job is running or lost, and send each one's mq.job_finished hint.
-        done = (
-            sa.func.unnest(
-                sa.bindparam("ids", type_=pg.ARRAY(sa.BigInteger)),
-                sa.bindparam("states", type_=pg.ARRAY(sa.Text)),
-                sa.bindparam("results", type_=pg.ARRAY(sa.Text)),
-            )
-            .table_valued("id", "state", "result")
-            .render_derived(name="done", with_types=False)
-        )
         # Finishes look their jobs up by primary key (``id = ANY(:ids)``), and test the state as text so
         # the planner cannot walk ix_mq_job_state for running jobs instead: until vacuum, that index holds
         # a dead entry for every job that ever ran, and a load test on a fresh table ran at a fifth of its
         # speed for a minute.
         by_key_still_active = sa.cast(job.c.state, sa.Text).in_([_lit(st.RUNNING), _lit(st.LOST)])
-        recorded = (
-            job.update()
-            .where(job.c.id == done.c.id)
-            .where(job.c.id == sa.any_(sa.bindparam("ids", type_=pg.ARRAY(sa.BigInteger))))  # as finish_quiet
-            .where(by_key_still_active)
-            .values(
-                state=sa.cast(done.c.state, job.c.state.type),
-                result=sa.cast(done.c.result, pg.JSONB),
-                end_time=sa.bindparam("now", type_=sa.DateTime),
-                lock_id=None,
+
+        def record_outcomes(*extra: str) -> tuple[Any, Any]:
+            """The arrays ``ids``, ``states``, ``results`` (JSON text or NULL) and ``extra`` as a table
+            ``done``, and the UPDATE recording them (with ``now``) on the jobs still running or lost."""
+            arrays = ["ids", "states", "results", *extra]
+            done = (
+                sa.func.unnest(
+                    *(
+                        sa.bindparam(name, type_=pg.ARRAY(sa.BigInteger if name == "ids" else sa.Text))
+                        for name in arrays
+                    )
+                )
+                .table_valued("id", "state", "result", *(name.removesuffix("s") for name in extra))
+                .render_derived(name="done", with_types=False)
             )
-            .returning(*finished_columns, job.c.cursor_key, job.c.state)
-            .cte("recorded")
-        )
+            update = (
+                job.update()
+                .where(job.c.id == done.c.id)
+                .where(job.c.id == sa.any_(sa.bindparam("ids", type_=pg.ARRAY(sa.BigInteger))))
+                .where(by_key_still_active)
+                .values(
+                    state=sa.cast(done.c.state, job.c.state.type),
+                    result=sa.cast(done.c.result, pg.JSONB),
+                    end_time=sa.bindparam("now", type_=sa.DateTime),
+                    lock_id=None,
+                )
+            )
+            return done, update
+
+        #: Record many outcomes at once (arrays ``ids``, ``states``, ``results`` as JSON text or NULL, and
+        #: ``now``), each only while its job is running or lost, and send each one's mq.job_finished hint.
+        _, recording = record_outcomes()
+        recorded = recording.returning(*finished_columns, job.c.cursor_key, job.c.state).cte("recorded")
         #: The same for jobs whose event nobody listens to, with their cursors (array ``cursors``: the
         #: cursor's JSON text to save, or NULL), in one statement, so it runs in autocommit in one round
         #: trip: record the outcomes, save the cursors, send each job's mq.job_finished hint and one hint
         #: per queue with a pending job on a freed cursor. Jobs it leaves out (someone listens, or no
         #: longer running or lost) go through ``finish_many`` in a transaction.
-        quiet_done = (
-            sa.func.unnest(
-                sa.bindparam("ids", type_=pg.ARRAY(sa.BigInteger)),
-                sa.bindparam("states", type_=pg.ARRAY(sa.Text)),
-                sa.bindparam("results", type_=pg.ARRAY(sa.Text)),
-                sa.bindparam("cursors", type_=pg.ARRAY(sa.Text)),
-            )
-            .table_valued("id", "state", "result", "cursor")
-            .render_derived(name="done", with_types=False)
-        )
+        quiet_done, quiet_recording = record_outcomes("cursors")
         quiet = (
-            job.update()
-            .where(job.c.id == quiet_done.c.id)
-            .where(job.c.id == sa.any_(sa.bindparam("ids", type_=pg.ARRAY(sa.BigInteger))))
-            .where(by_key_still_active)
-            .where(~listened(quiet_done.c.state))
-            .values(
-                state=sa.cast(quiet_done.c.state, job.c.state.type),
-                result=sa.cast(quiet_done.c.result, pg.JSONB),
-                end_time=sa.bindparam("now", type_=sa.DateTime),
-                lock_id=None,
-            )
+            quiet_recording.where(~listened(quiet_done.c.state))
             .returning(job.c.id, job.c.state, job.c.cursor_key, quiet_done.c.cursor)
             .cte("recorded")
         )
