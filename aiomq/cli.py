@@ -17,29 +17,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import datetime
 import importlib
 import inspect
 import json
 import logging
 import os
-import re
 import sys
 import traceback
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
-import asyncpg
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql as pg
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import __version__
-from .errors import SchemaMissingError
-from .listener import ASYNCPG_ONLY
-from .model import Model, make_default_model
+from .dsn import DatabaseURL, check_connection, make_engine, one_line, parse_database_url, reason
+from .errors import CliError, SchemaMissingError, UsageError
+from .model import Model, all_states, make_default_model
 from .records import JobInfo
+from .schema import check_schema, create_schema, describe_created, model_tables, schema_ddl
 from .source import AsyncMQSource
 from .worker import AsyncMQWorker
 
@@ -49,6 +46,7 @@ __all__ = [
     "UsageError",
     "check_connection",
     "create_schema",
+    "describe_created",
     "main",
     "make_engine",
     "model_tables",
@@ -59,200 +57,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ENV_PREFIX = "AIOMQ_"
-CONNECT_TIMEOUT = 10.0
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-
-
-class CliError(Exception):
-    """A failure reported as one line on stderr; ``code`` is the exit status."""
-
-    code = 1
-
-
-class UsageError(CliError):
-    """Bad arguments: exit status 2, as argparse uses."""
-
-    code = 2
-
-
-# ---------------------------------------------------------------- database URLs and engines
-
-
-@dataclasses.dataclass(frozen=True)
-class DatabaseURL:
-    """A database URL in the two forms aiomq needs.
-
-    ``url`` is the SQLAlchemy ``postgresql+asyncpg`` URL of the engine; ``dsn`` the libpq URL for asyncpg's
-    own connections (the worker's listener). A libpq URL (``postgresql://``) is parsed by asyncpg itself,
-    so its libpq query parameters (``sslmode``, ``host`` for a socket directory, ...) mean what they mean
-    to psql; a ``postgresql+asyncpg://`` URL keeps SQLAlchemy's meaning (``?ssl=require``).
-    """
-
-    url: sa.URL
-    dsn: str
-    libpq: bool
-    connect_timeout: float
-
-    def __str__(self) -> str:
-        return self.url.set(drivername="postgresql").render_as_string(hide_password=True)
-
-
-def _redact(raw: str) -> str:
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", raw)
-
-
-def parse_database_url(raw: str) -> DatabaseURL:
-    """Accept ``postgresql://`` (libpq), ``postgres://`` and ``postgresql+asyncpg://`` URLs."""
-    raw = raw.strip()
-    if not raw:
-        raise UsageError("the database URL is empty")
-    try:
-        url = sa.make_url(raw)
-    except (sa.exc.ArgumentError, ValueError) as ex:
-        raise UsageError(
-            f"invalid database URL {_redact(raw)!r} ({_one_line(ex)}): "
-            "expected postgresql://user:password@host:port/database"
-        ) from ex
-    backend, _, driver = url.drivername.partition("+")
-    if backend not in ("postgresql", "postgres"):
-        raise UsageError(
-            f"unsupported database URL scheme {url.drivername!r}: "
-            "use postgresql://... or postgresql+asyncpg://..."
-        )
-    # Another driver's URL (a psycopg2_mq configuration) carries libpq parameters: read it as libpq.
-    libpq = driver != "asyncpg"
-    query = dict(url.query)
-    timeout = CONNECT_TIMEOUT
-    key = "connect_timeout" if libpq else "timeout"
-    if key in query:
-        try:
-            timeout = float(str(query[key])) or CONNECT_TIMEOUT  # libpq: 0 means "wait forever"
-        except ValueError:
-            raise UsageError(f"invalid {key} in the database URL: {query[key]!r}") from None
-    if libpq:
-        # asyncpg would send connect_timeout to the server as a setting; it is the connect timeout here.
-        query.pop("connect_timeout", None)
-        dsn_query = query
-    else:
-        dsn_query = {k: v for k, v in query.items() if k not in ASYNCPG_ONLY}
-        if isinstance(dsn_query.get("ssl"), str):  # a libpq URL spells it sslmode
-            dsn_query["sslmode"] = dsn_query.pop("ssl")
-    engine_url = url.set(drivername="postgresql+asyncpg", query=query)
-    dsn = url.set(drivername="postgresql", query=dsn_query).render_as_string(hide_password=False)
-    return DatabaseURL(url=engine_url, dsn=dsn, libpq=libpq, connect_timeout=timeout)
-
-
-def make_engine(db: DatabaseURL, **kw: Any) -> AsyncEngine:
-    """An asyncpg engine on ``db``, failing within ``db.connect_timeout`` when the server does not answer."""
-    if db.libpq:
-
-        async def connect() -> Any:
-            return await asyncpg.connect(db.dsn, timeout=db.connect_timeout)
-
-        return create_async_engine(db.url, async_creator=connect, **kw)
-    connect_args = {} if "timeout" in db.url.query else {"timeout": db.connect_timeout}
-    return create_async_engine(db.url, connect_args=connect_args, **kw)
-
-
-async def check_connection(engine: AsyncEngine, db: DatabaseURL) -> None:
-    """Connect once, so an unreachable server is one clear error instead of the worker's retries."""
-    try:
-        async with engine.connect() as conn:
-            await conn.execute(sa.text("SELECT 1"))
-    except Exception as ex:  # refused, unknown host, bad credentials, bad URL parameters: "cannot connect"
-        raise CliError(f"cannot connect to the database {db}: {_reason(ex)}") from ex
-
-
-async def check_schema(engine: AsyncEngine, model: Model) -> None:
-    preparer = engine.dialect.identifier_preparer
-    async with engine.connect() as conn:
-        for table in model_tables(model):
-            if await conn.scalar(sa.select(sa.func.to_regclass(preparer.format_table(table)))) is None:
-                raise SchemaMissingError(table.fullname)
-
-
-# ---------------------------------------------------------------- schema
-
-
-def model_tables(model: Model) -> list[sa.Table]:
-    """The model's own tables, in creation order (a model's metadata may hold an application's tables too)."""
-    classes = [
-        model.Job,
-        model.Lock,
-        model.JobCursor,
-        model.JobListener,
-        model.JobSchedule,
-        model.JobListenerLink,
-        model.JobScheduleLink,
-    ]
-    mine = {cls.__table__ for cls in classes if cls is not None}
-    return [t for t in model.Job.__table__.metadata.sorted_tables if t in mine]
-
-
-def schema_ddl(model: Model) -> str:
-    """The statements ``create_all`` runs on an empty database, compiled for PostgreSQL."""
-    statements: list[str] = []
-
-    def collect(statement: Any, *multiparams: Any, **params: Any) -> None:
-        statements.append(str(statement.compile(dialect=mock.dialect)).strip())
-
-    mock = sa.create_mock_engine(sa.make_url("postgresql://"), collect)
-    tables = model_tables(model)
-    tables[0].metadata.create_all(mock, tables=tables, checkfirst=False)
-    # Each table's indexes come out in set order: sort them so the output is the same on every run.
-    ordered: list[str] = []
-    indexes: list[str] = []
-    for statement in [*statements, ""]:
-        if re.match(r"CREATE (UNIQUE )?INDEX ", statement):
-            indexes.append(statement)
-            continue
-        ordered += sorted(indexes, key=lambda s: s.split(" ON ")[0].split()[-1])
-        indexes = []
-        ordered.append(statement)
-    text = "".join(f"{s};\n\n" for s in ordered if s)
-    return "\n".join(line.rstrip() for line in text.splitlines()).rstrip() + "\n"
-
-
-def _describe_ddl(element: Any) -> tuple[str, str, str | None]:
-    """(kind, name, table) of a DDL statement."""
-    target = element.element
-    if isinstance(element, sa.schema.CreateTable):
-        return "table", target.name, None
-    if isinstance(element, sa.schema.CreateIndex):
-        return "index", str(target.name), target.table.name
-    if isinstance(element, pg.CreateEnumType):
-        return "type", target.name, None
-    return type(element).__name__, str(getattr(target, "name", "")), None
-
-
-async def create_schema(engine: AsyncEngine, model: Model) -> list[tuple[str, str, str | None]]:
-    """Create the model's missing types, tables and indexes; return them as (kind, name, table)."""
-    tables = model_tables(model)
-
-    def create(conn: sa.Connection) -> list[tuple[str, str, str | None]]:
-        created: list[tuple[str, str, str | None]] = []
-
-        def record(conn: sa.Connection, element: Any, *args: Any) -> None:
-            if isinstance(element, sa.schema.ExecutableDDLElement):
-                created.append(_describe_ddl(element))
-
-        # Two concurrent creators would both see a table missing and one would fail: take turns.
-        conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('aiomq schema --create'))"))
-        sa.event.listen(conn, "before_execute", record)
-        try:
-            existing = {t.name for t in tables if sa.inspect(conn).has_table(t.name, schema=t.schema)}
-            tables[0].metadata.create_all(conn, tables=tables, checkfirst=True)
-            # Tables made by psycopg2_mq lack aiomq's own indexes; create_all skips existing tables.
-            for table in tables:
-                if table.name in existing:
-                    for index in sorted(table.indexes, key=lambda i: str(i.name)):
-                        index.create(conn, checkfirst=True)
-        finally:
-            sa.event.remove(conn, "before_execute", record)
-        return created
-
-    async with engine.begin() as conn:
-        return await conn.run_sync(create)
 
 
 # ---------------------------------------------------------------- argument parsing
@@ -462,10 +267,10 @@ def load_object(spec: str, what: str) -> Any:
     except ImportError as ex:
         if isinstance(ex, ModuleNotFoundError) and ex.name is not None and module_name.startswith(ex.name):
             raise CliError(f"cannot import {what} {spec!r}: no module named {ex.name!r}") from ex
-        raise CliError(f"cannot import {what} {spec!r}: {type(ex).__name__}: {_one_line(ex)}") from ex
+        raise CliError(f"cannot import {what} {spec!r}: {type(ex).__name__}: {one_line(ex)}") from ex
     except Exception as ex:  # the module itself raised while importing
         raise CliError(
-            f"importing module {module_name!r} failed: {type(ex).__name__}: {_one_line(ex)}"
+            f"importing module {module_name!r} failed: {type(ex).__name__}: {one_line(ex)}"
         ) from ex
     for part in attr.split("."):
         try:
@@ -485,7 +290,7 @@ async def load_queues(spec: str) -> Mapping[str, Any]:
             if inspect.isawaitable(obj):
                 obj = await obj
         except Exception as ex:
-            raise CliError(f"calling {spec} failed: {type(ex).__name__}: {_one_line(ex)}") from ex
+            raise CliError(f"calling {spec} failed: {type(ex).__name__}: {one_line(ex)}") from ex
     if not isinstance(obj, Mapping):
         raise CliError(
             f"{spec} must be a dict {{queue: handler}} or a callable returning one, got {type(obj).__name__}"
@@ -503,7 +308,7 @@ def load_model(spec: str | None) -> Model:
         try:
             obj = obj()
         except Exception as ex:
-            raise CliError(f"calling {spec} failed: {type(ex).__name__}: {_one_line(ex)}") from ex
+            raise CliError(f"calling {spec} failed: {type(ex).__name__}: {one_line(ex)}") from ex
     if not isinstance(obj, Model):
         raise CliError(f"{spec} must be an aiomq.Model or a callable returning one, got {type(obj).__name__}")
     return obj
@@ -558,7 +363,8 @@ async def _worker(args: argparse.Namespace) -> int:
         # The worker retries an unreachable database for a minute and more; at start that is a mistake
         # in the URL far more often than an outage, so say so at once. A missing schema never fixes itself.
         await check_connection(engine, db)
-        await check_schema(engine, model)
+        async with engine.connect() as conn:
+            await check_schema(conn, model)
         await worker.run()
     finally:
         await engine.dispose()
@@ -585,29 +391,13 @@ async def _schema_create(args: argparse.Namespace, model: Model) -> int:
     return 0
 
 
-def describe_created(created: Sequence[tuple[str, str, str | None]]) -> str:
-    """What create_schema made, one line per type or table (a new table's indexes counted on its line)."""
-    new_tables = {name for kind, name, _ in created if kind == "table"}
-    counts = {name: sum(1 for k, _, t in created if k == "index" and t == name) for name in new_tables}
-    lines = []
-    for kind, name, table in created:
-        if kind == "table":
-            n = counts[name]
-            lines.append(f"created table {name}" + (f" ({n} index{'es' if n > 1 else ''})" if n else ""))
-        elif kind == "index" and table in new_tables:
-            continue
-        else:
-            lines.append(f"created {kind} {name}" + (f" on {table}" if table else ""))
-    return "\n".join(lines)
-
-
 def _cmd_jobs(args: argparse.Namespace) -> int:
     return asyncio.run(_jobs(args))
 
 
 async def _jobs(args: argparse.Namespace) -> int:
     model = load_model(args.model)
-    states = _states(model)
+    states = all_states(model.JobStates)
     if args.state is not None and args.state not in states:
         raise UsageError(f"unknown state {args.state!r}: one of {', '.join(states)}")
     async with _connected(args, model) as (engine, _):
@@ -679,11 +469,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- output
 
 
-def _states(model: Model) -> list[str]:
-    st = model.JobStates
-    return [st.PENDING, st.RUNNING, st.COMPLETED, st.FAILED, st.CANCELED, st.LOST]
-
-
 def _time(value: datetime.datetime | None) -> str:
     return "-" if value is None else value.strftime("%Y-%m-%d %H:%M:%S")
 
@@ -748,26 +533,16 @@ def format_job(row: Any, model: Model) -> str:
 # ---------------------------------------------------------------- errors and main
 
 
-def _one_line(ex: BaseException) -> str:
-    text = " ".join(str(ex).split())
-    return text[:500] if text else type(ex).__name__
-
-
-def _reason(ex: BaseException) -> str:
-    orig = ex.orig if isinstance(ex, sa.exc.DBAPIError) and ex.orig is not None else ex
-    return _one_line(orig)
-
-
 def _describe(ex: BaseException) -> tuple[int, str]:
     if isinstance(ex, CliError):
-        return ex.code, _one_line(ex)
+        return ex.code, one_line(ex)
     if isinstance(ex, SchemaMissingError | ValueError | TypeError | LookupError):
-        return 1, _one_line(ex)
+        return 1, one_line(ex)
     if isinstance(ex, sa.exc.DBAPIError):
-        return 1, f"database error: {_reason(ex)}"
+        return 1, f"database error: {reason(ex)}"
     if isinstance(ex, OSError):  # the connection went away mid-command
-        return 1, f"database connection failed: {_one_line(ex)}"
-    return 1, f"{type(ex).__name__}: {_one_line(ex)}"
+        return 1, f"database connection failed: {one_line(ex)}"
+    return 1, f"{type(ex).__name__}: {one_line(ex)}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -34,9 +34,11 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from .cli import CliError, DatabaseURL, check_connection, create_schema, make_engine, parse_database_url
+from .dsn import DatabaseURL, check_connection, make_engine, parse_database_url
+from .errors import CliError
 from .model import Model, make_default_model
 from .records import JobContext
+from .schema import create_schema
 from .source import AsyncMQSource
 from .worker import AsyncMQWorker
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["FailedJobError", "SchemaMissingError"]
+__all__ = ["CliError", "FailedJobError", "SchemaMissingError", "UsageError"]
 
 
 class FailedJobError(Exception):
@@ -30,3 +30,15 @@ class SchemaMissingError(RuntimeError):
             "or `aiomq schema --create`"
         )
         self.table = table
+
+
+class CliError(Exception):
+    """A failure the ``aiomq`` command reports as one line on stderr; ``code`` is the exit status."""
+
+    code = 1
+
+
+class UsageError(CliError):
+    """Bad arguments (a bad URL among them): exit status 2, as argparse uses."""
+
+    code = 2

@@ -1,11 +1,47 @@
-"""The ``mq.job_finished.<state>.<queue>.<method>`` events, emitted in the state change's transaction."""
+"""Events: what a job's state change sends, decided in one place.
+
+That is the event ``mq.job_finished.<state>.<queue>.<method>`` (when a listener waits for it), the
+``mq.job_finished`` NOTIFY that wakes waiters, and the hint to whoever serves the next job of a cursor the
+change frees; all of it in the state change's transaction.
+
+The worker's batched finishes send the NOTIFY and hints from inside their statement
+(:mod:`aiomq.sql.outcomes`); they follow :func:`announcement` too. :func:`emit_to_listeners` turns an
+event into jobs, one per enabled listener.
+"""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import datetime
+import logging
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-__all__ = ["finished_event", "iso"]
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from . import channels
+from .enqueue import Enqueuer, validate_call
+from .model import JobStates
+from .records import QueuedJob, check_queue_name
+from .sql import Statements
+
+__all__ = [
+    "Announcement",
+    "Emit",
+    "announce",
+    "announcement",
+    "emit_to_listeners",
+    "finished_event",
+    "iso",
+]
+
+log = logging.getLogger(__name__)
+
+#: ``emit(name, data)``: emit an event in the state change's transaction (jobs for its listeners).
+Emit = Callable[[str, dict[str, Any]], Awaitable[Any]]
+#: ``execute(statement, params)``: a session's or connection's ``execute``, in that transaction.
+Execute = Callable[[Any, Mapping[str, Any]], Awaitable[Any]]
 
 
 def iso(value: datetime.datetime | None) -> str | None:
@@ -27,3 +63,109 @@ def finished_event(
     if not lost:
         data["result"] = result
     return name, data
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Announcement:
+    """What a state change sends: the finished event, the ``mq.job_finished`` NOTIFY, a successor hint."""
+
+    event: bool
+    finished_note: bool
+    successor_hint: bool
+
+
+def announcement(
+    states: type[JobStates], state: str, *, cursor_key: str | None, has_listeners: bool
+) -> Announcement:
+    """The rule (reference §11 for events): completed, failed and lost jobs emit their event, canceled ones
+    do not; every finished state wakes waiters; completing or failing frees the job's cursor, so its next
+    job's queue is told (a lost job keeps holding its cursor, a canceled one never held it)."""
+    return Announcement(
+        event=has_listeners and state in (states.COMPLETED, states.FAILED, states.LOST),
+        finished_note=True,
+        successor_hint=cursor_key is not None and state in (states.COMPLETED, states.FAILED),
+    )
+
+
+async def announce(
+    execute: Execute,
+    st: Statements,
+    row: Any,
+    state: str,
+    *,
+    cursor_key: str | None,
+    has_listeners: bool,
+    emit: Emit,
+    result: Any = None,
+) -> None:
+    """Send what ``row`` (a job: ``id``, ``queue``, ``method``, ``start_time``, ``end_time``) entering
+    ``state`` sends, in the caller's transaction."""
+    states = st.parts.model.JobStates
+    plan = announcement(states, state, cursor_key=cursor_key, has_listeners=has_listeners)
+    if plan.event:
+        await emit(*finished_event(state, row, result=result, lost=state == states.LOST))
+    if plan.finished_note:
+        payload = channels.finished_payload(row.id, state)
+        await execute(st.notify, {"channel": channels.FINISHED_CHANNEL, "payload": payload})
+    if plan.successor_hint:
+        await execute(st.outcomes.notify_successors, {"keys": [cursor_key]})
+
+
+async def emit_to_listeners(
+    session: AsyncSession,
+    st: Statements,
+    enqueuer: Enqueuer,
+    name: str,
+    data: Any,
+    *,
+    now: datetime.datetime,
+    trace: Any,
+) -> list[QueuedJob]:
+    """One job per enabled listener of event ``name`` (reference §11), in the session's transaction."""
+    listeners = (await session.scalars(st.lookups.listeners_of, {"event": name})).all()
+    stamp = now.replace(tzinfo=datetime.UTC).isoformat()
+    columns = st.parts.job.c
+    jobs = []
+    for listener in listeners:
+        try:  # rows written by other code (psycopg2_mq stores any queue string)
+            check_queue_name(listener.queue)
+        except ValueError as ex:
+            log.warning("listener %s skipped for event %s: %s", listener.id, name, ex)
+            continue
+        event = {"name": name, "listener_id": listener.id, "now": stamp, "data": data}
+        key = listener.context_arg_key
+        collapse = bool(listener.collapse_on_cursor)
+        resolver = None
+        if collapse:
+            args = {key: [event], **listener.args}
+            resolver = _append_event(key, event)
+        else:
+            args = {key: event, **listener.args}
+        call = validate_call(
+            columns,
+            listener.queue,
+            listener.method,
+            args,
+            when=now + (listener.when or datetime.timedelta(0)),
+            now=now,
+            cursor_key=listener.cursor_key,
+            collapse_on_cursor=collapse,
+            conflict_resolver=resolver,
+            listener_ids=[listener.id],
+            trace=copy.deepcopy(trace),
+        )
+        jobs.append(await enqueuer.insert_or_join(session, call))
+    return jobs
+
+
+def _append_event(key: str, event: dict[str, Any]) -> Callable[[Any], None]:
+    """The conflict resolver of a collapsing listener: the joined job's events list gets this event."""
+
+    def resolve(job: Any) -> None:
+        args = copy.deepcopy(job.args) if isinstance(job.args, dict) else {}
+        events = args.setdefault(key, [])
+        if isinstance(events, list):
+            events.append(event)
+            job.args = args
+
+    return resolve

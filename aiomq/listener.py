@@ -1,5 +1,5 @@
 """The worker's dedicated asyncpg connection: LISTEN, the advisory lock that is its liveness, keepalive,
-and the claims.
+and the claims. (:mod:`aiomq.link` keeps one open, replacing it when it dies.)
 
 Never taken from a pool: the session advisory lock ``(lock_key, lock_id)`` lives exactly as long as this
 connection, and every other worker reads its absence from ``pg_locks`` as "this worker's jobs are lost".
@@ -8,6 +8,7 @@ Claims run here too, so a claim can only commit while the lock it stamps on the 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import random
@@ -16,9 +17,10 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import asyncpg
-import sqlalchemy as sa
 
-__all__ = ["Listener", "libpq_dsn"]
+from .compiled import Compiled
+
+__all__ = ["Listener"]
 
 log = logging.getLogger(__name__)
 
@@ -32,32 +34,6 @@ _KEEPALIVE_SETTINGS = {
 # The claim and next-due statements walk one index per queue whatever their parameters, and planning
 # them anew each time (PostgreSQL's choice for them) costs more than running them: about 0.2 ms a claim.
 _PLAN_SETTINGS = {"plan_cache_mode": "force_generic_plan"}
-
-
-# Query keys of a SQLAlchemy asyncpg URL that are connect() arguments, not libpq settings: left in a
-# libpq URL, asyncpg would send them to the server as (unknown) run-time settings.
-ASYNCPG_ONLY = frozenset(
-    {
-        "prepared_statement_cache_size",
-        "statement_cache_size",
-        "max_cached_statement_lifetime",
-        "max_cacheable_statement_size",
-        "command_timeout",
-        "timeout",
-        "prepared_statement_name_func",
-    }
-)
-
-
-def libpq_dsn(url: str | sa.URL) -> str:
-    """A URL asyncpg's connect() accepts: ``postgresql+asyncpg://`` becomes ``postgresql://``, password
-    kept, SQLAlchemy's ``ssl`` spelled ``sslmode``, asyncpg-only options dropped."""
-    if isinstance(url, str):
-        url = sa.make_url(url)
-    query = {k: v for k, v in url.query.items() if k not in ASYNCPG_ONLY}
-    if "ssl" in query and "sslmode" not in query and isinstance(query["ssl"], str):
-        query["sslmode"] = query.pop("ssl")
-    return url.set(drivername="postgresql", query=query).render_as_string(hide_password=False)
 
 
 def _set_client_keepalive(conn: Any) -> None:
@@ -91,6 +67,8 @@ class Listener:
         application_name: str,
         on_notify: Callable[[str, str], None],
         on_lost: Callable[[], None],
+        try_lock: Compiled,
+        keepalive: Compiled,
         json_deserializer: Callable[[str], Any] = json.loads,
     ) -> None:
         self._dsn = dsn
@@ -100,6 +78,8 @@ class Listener:
         self._on_notify = on_notify
         self._on_lost = on_lost
         self._json_deserializer = json_deserializer
+        self._try_lock = try_lock
+        self._keepalive = keepalive
         self._conn: Any = None
         self.lock_id: int | None = None
 
@@ -127,9 +107,8 @@ class Listener:
             lock_id = None
             for _ in range(3):
                 candidate = random.randint(1, 2**31 - 1)
-                if await conn.fetchval(
-                    "SELECT pg_try_advisory_lock($1::int4, $2::int4)", self._lock_key, candidate
-                ):
+                params = {"lock_key": self._lock_key, "lock_id": candidate}
+                if await conn.fetchval(self._try_lock.sql, *self._try_lock.args(params)):
                     lock_id = candidate
                     break
             if lock_id is None:
@@ -157,7 +136,7 @@ class Listener:
         if not self.alive:
             return False
         try:
-            await self._conn.fetchval("SELECT 1", timeout=timeout)
+            await self._conn.fetchval(self._keepalive.sql, timeout=timeout)
         except Exception:
             log.warning("listener keepalive failed (lock_id=%s)", self.lock_id, exc_info=True)
             self.abort()
@@ -173,8 +152,6 @@ class Listener:
 
     async def probe(self, notify: Callable[[str, str], Any], timeout: float) -> bool:
         """True if a NOTIFY sent by ``notify(channel, payload)`` (another connection) arrives here."""
-        import asyncio
-
         channel = f"aiomq_probe_{random.getrandbits(64):016x}"
         arrived = asyncio.Event()
 

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-__all__ = ["JobStates", "Model", "make_default_model"]
+__all__ = ["JobStates", "Model", "all_states", "finished_states", "make_default_model"]
 
 
 class JobStates:
@@ -25,6 +25,16 @@ class JobStates:
     FAILED = "failed"
     CANCELED = "canceled"
     LOST = "lost"
+
+
+def all_states(states: type[JobStates]) -> list[str]:
+    """Every state of ``states``, in the enum's order."""
+    return [states.PENDING, states.RUNNING, states.COMPLETED, states.FAILED, states.CANCELED, states.LOST]
+
+
+def finished_states(states: type[JobStates]) -> frozenset[str]:
+    """The states a job does not leave by itself: ``wait_for_job`` returns on them."""
+    return frozenset({states.COMPLETED, states.FAILED, states.CANCELED, states.LOST})
 
 
 class Model:
@@ -74,18 +84,26 @@ def make_default_model(metadata: sa.MetaData, JobStates: type[JobStates] = JobSt
     class Base(DeclarativeBase):
         metadata = shared_metadata
 
-    state_enum = sa.Enum(
-        states.PENDING,
-        states.RUNNING,
-        states.COMPLETED,
-        states.FAILED,
-        states.CANCELED,
-        states.LOST,
-        name="mq_job_state",
-        metadata=metadata,
+    state_enum = sa.Enum(*all_states(states), name="mq_job_state", metadata=metadata)
+
+    Job = _declare_job(Base, state_enum)
+    _job_constraints(Job.__table__, states)
+    JobCursor, JobListener, JobSchedule = _declare_cursor_and_events(Base)
+    JobListenerLink, JobScheduleLink, Lock = _declare_links_and_lock(Base)
+    return Model(
+        Job=Job,
+        JobStates=states,
+        Lock=Lock,
+        JobCursor=JobCursor,
+        JobListener=JobListener,
+        JobSchedule=JobSchedule,
+        JobListenerLink=JobListenerLink,
+        JobScheduleLink=JobScheduleLink,
     )
 
-    class Job(Base):
+
+def _declare_job(Base: type[DeclarativeBase], state_enum: sa.Enum) -> type[Any]:
+    class Job(Base):  # type: ignore[misc,valid-type]  # a declarative base per metadata
         __tablename__ = "mq_job"
 
         id: Mapped[int] = mapped_column(sa.BigInteger, primary_key=True)
@@ -127,7 +145,11 @@ def make_default_model(metadata: sa.MetaData, JobStates: type[JobStates] = JobSt
                 f"scheduled_time={self.scheduled_time}>"
             )
 
-    job: sa.Table = Job.__table__  # type: ignore[assignment]
+    return Job
+
+
+def _job_constraints(job: sa.Table, states: type[JobStates]) -> None:
+    """psycopg2_mq's check constraint and partial indexes on ``mq_job``, and aiomq's own indexes."""
     # The predicates are written as psycopg2_mq writes them, so reflection compares equal.
     job.append_constraint(
         sa.CheckConstraint(
@@ -171,7 +193,9 @@ def make_default_model(metadata: sa.MetaData, JobStates: type[JobStates] = JobSt
         ),
     )
 
-    class JobCursor(Base):
+
+def _declare_cursor_and_events(Base: type[DeclarativeBase]) -> tuple[type[Any], type[Any], type[Any]]:
+    class JobCursor(Base):  # type: ignore[misc,valid-type]  # a declarative base per metadata
         __tablename__ = "mq_job_cursor"
 
         key: Mapped[str] = mapped_column(sa.Text, primary_key=True)
@@ -184,7 +208,7 @@ def make_default_model(metadata: sa.MetaData, JobStates: type[JobStates] = JobSt
         def __repr__(self) -> str:
             return f"<JobCursor key={self.key!r} updated_job_id={self.updated_job_id}>"
 
-    class JobListener(Base):
+    class JobListener(Base):  # type: ignore[misc,valid-type]  # a declarative base per metadata
         __tablename__ = "mq_job_listener"
 
         id: Mapped[int] = mapped_column(sa.BigInteger, primary_key=True)
@@ -210,7 +234,7 @@ def make_default_model(metadata: sa.MetaData, JobStates: type[JobStates] = JobSt
                 f"method={self.method!r} is_enabled={self.is_enabled}>"
             )
 
-    class JobSchedule(Base):
+    class JobSchedule(Base):  # type: ignore[misc,valid-type]  # a declarative base per metadata
         __tablename__ = "mq_job_schedule"
 
         id: Mapped[int] = mapped_column(sa.BigInteger, primary_key=True)
@@ -235,7 +259,11 @@ def make_default_model(metadata: sa.MetaData, JobStates: type[JobStates] = JobSt
                 f"rrule={self.rrule!r} is_enabled={self.is_enabled}>"
             )
 
-    class JobListenerLink(Base):
+    return JobCursor, JobListener, JobSchedule
+
+
+def _declare_links_and_lock(Base: type[DeclarativeBase]) -> tuple[type[Any], type[Any], type[Any]]:
+    class JobListenerLink(Base):  # type: ignore[misc,valid-type]  # a declarative base per metadata
         __tablename__ = "mq_job_listener_link"
 
         job_id: Mapped[int] = mapped_column(
@@ -253,7 +281,7 @@ def make_default_model(metadata: sa.MetaData, JobStates: type[JobStates] = JobSt
         job: Mapped[Any] = relationship("Job", back_populates="listener_links")
         listener: Mapped[Any] = relationship("JobListener", back_populates="job_links")
 
-    class JobScheduleLink(Base):
+    class JobScheduleLink(Base):  # type: ignore[misc,valid-type]  # a declarative base per metadata
         __tablename__ = "mq_job_schedule_link"
 
         job_id: Mapped[int] = mapped_column(
@@ -271,7 +299,7 @@ def make_default_model(metadata: sa.MetaData, JobStates: type[JobStates] = JobSt
         job: Mapped[Any] = relationship("Job", back_populates="schedule_links")
         schedule: Mapped[Any] = relationship("JobSchedule", back_populates="job_links")
 
-    class Lock(Base):
+    class Lock(Base):  # type: ignore[misc,valid-type]  # a declarative base per metadata
         __tablename__ = "mq_lock"
 
         ns: Mapped[str] = mapped_column(sa.Text, primary_key=True)
@@ -282,16 +310,7 @@ def make_default_model(metadata: sa.MetaData, JobStates: type[JobStates] = JobSt
         def __repr__(self) -> str:
             return f"<Lock ns={self.ns!r} key={self.key!r} lock_id={self.lock_id}>"
 
-    return Model(
-        Job=Job,
-        JobStates=states,
-        Lock=Lock,
-        JobCursor=JobCursor,
-        JobListener=JobListener,
-        JobSchedule=JobSchedule,
-        JobListenerLink=JobListenerLink,
-        JobScheduleLink=JobScheduleLink,
-    )
+    return JobListenerLink, JobScheduleLink, Lock
 
 
 def _quote(value: str) -> str:

@@ -5,7 +5,9 @@ Plain helpers (any test framework):
 - :func:`temporary_database`: a fresh database with the queue's tables, dropped afterwards;
 - :class:`RecordingHandler`: a handler that records the jobs it ran and returns a canned result;
 - :func:`drain`: run every due job (and the follow-ups they cause), then return;
-- :func:`wait_for_completed`: await a job and fail with its error result if it did not complete.
+- :func:`wait_for_completed`: await a job and fail with its error result if it did not complete;
+- :func:`hook_listener_statements`: fault injection around the statements a worker runs on its own
+  connection, for tests that must order events exactly.
 
 The pytest plugin (loaded automatically when aiomq is installed; needs pytest-asyncio) provides the
 fixtures ``aiomq_server_url`` (from ``AIOMQ_TEST_SERVER_URL``; override it to use your own server),
@@ -19,26 +21,27 @@ import contextlib
 import copy
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import asyncpg
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from .dsn import with_database
+from .link import StatementHook
 from .model import Model, make_default_model
 from .records import JobContext, JobInfo
 from .source import AsyncMQSource
 from .worker import AsyncMQWorker
 
-__all__ = ["RecordingHandler", "drain", "temporary_database", "wait_for_completed"]
-
-
-def _url(url: str, *, driver: str, database: str | None = None) -> str:
-    parsed = sa.make_url(url).set(drivername=driver)
-    if database is not None:
-        parsed = parsed.set(database=database)
-    return parsed.render_as_string(hide_password=False)
+__all__ = [
+    "RecordingHandler",
+    "drain",
+    "hook_listener_statements",
+    "temporary_database",
+    "wait_for_completed",
+]
 
 
 @contextlib.asynccontextmanager
@@ -49,12 +52,12 @@ async def temporary_database(
     (the queue's tables when ``metadata`` comes from ``make_default_model``), yield its
     ``postgresql+asyncpg://`` URL, and drop it afterwards, whatever is still connected."""
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(_url(server_url, driver="postgresql"))
+    admin = await asyncpg.connect(with_database(server_url, driver="postgresql"))
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
     finally:
         await admin.close()
-    url = _url(server_url, driver="postgresql+asyncpg", database=name)
+    url = with_database(server_url, driver="postgresql+asyncpg", database=name)
     try:
         if metadata is not None:
             engine = create_async_engine(url)
@@ -65,7 +68,7 @@ async def temporary_database(
                 await engine.dispose()
         yield url
     finally:
-        admin = await asyncpg.connect(_url(server_url, driver="postgresql"))
+        admin = await asyncpg.connect(with_database(server_url, driver="postgresql"))
         try:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
@@ -107,6 +110,30 @@ async def wait_for_completed(source: AsyncMQSource, job_id: int, *, timeout: flo
     return info
 
 
+def hook_listener_statements(
+    worker: AsyncMQWorker,
+    *,
+    before: Callable[[str], Awaitable[None]] | None = None,
+    after: Callable[[str], Awaitable[None]] | None = None,
+) -> Callable[[], None]:
+    """Await ``before(sql)`` / ``after(sql)`` around each statement ``worker`` runs on its listener
+    connection (the claim, the next-due query, adoption); the statement itself runs for real, so a test
+    can kill a connection, commit a job or wait at an exact point. Returns a function that removes the
+    hook. Raising from ``before`` makes the statement fail as a dead connection would."""
+
+    async def hook(sql: str, run: Callable[[], Awaitable[list[Any]]]) -> list[Any]:
+        if before is not None:
+            await before(sql)
+        rows = await run()
+        if after is not None:
+            await after(sql)
+        return rows
+
+    hooks: list[StatementHook] = worker._link.hooks
+    hooks.append(hook)
+    return lambda: hooks.remove(hook)
+
+
 # ------------------------------------------------------------------------------------ pytest plugin
 
 try:  # the plugin needs pytest and pytest-asyncio; the helpers above need neither
@@ -136,7 +163,9 @@ else:
         return _DEFAULT_MODEL
 
     @pytest_asyncio.fixture
-    async def aiomq_database_url(aiomq_server_url: str, aiomq_metadata: sa.MetaData) -> AsyncIterator[str]:
+    async def aiomq_database_url(
+        aiomq_server_url: str, aiomq_metadata: sa.MetaData
+    ) -> AsyncIterator[str]:
         """A fresh database with the queue's tables, dropped after the test."""
         async with temporary_database(aiomq_server_url, metadata=aiomq_metadata) as url:
             yield url

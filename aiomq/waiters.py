@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import weakref
 from collections.abc import Awaitable, Callable
@@ -18,8 +17,8 @@ from typing import Any, TypeVar
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from .listener import libpq_dsn
-from .sql import FINISHED_CHANNEL
+from .channels import FINISHED_CHANNEL, parse_finished
+from .dsn import libpq_dsn
 
 __all__ = ["wait_for_job"]
 
@@ -76,11 +75,11 @@ class _Hub:
 
     def _notified(self, conn: Any, pid: int, channel: str, payload: str) -> None:
         try:
-            job_id = json.loads(payload)["j"]
-        except (ValueError, TypeError, KeyError):
+            note = parse_finished(payload)
+        except ValueError:
             log.debug("ignoring malformed %s payload %r", channel, payload)
             return
-        for event in self._watchers.get(job_id, ()):
+        for event in self._watchers.get(note.job_id, ()):
             event.set()
 
 

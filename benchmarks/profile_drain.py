@@ -39,7 +39,7 @@ async def explain_claim(url: str, queues: list[str], limit: int = 10) -> None:
 
     _, model = make_model()
     engine = create_async_engine(url)
-    compiled = sql.statements(model).claim.compile(dialect=engine.dialect)
+    compiled = sql.statements(model).claims.claim.compile(dialect=engine.dialect)
     await engine.dispose()
     values = {"queues": queues, "now": utcnow(), "limit": limit, "lock_id": 1, "name": "explain"}
     args = [values.get(name, compiled.params.get(name)) for name in compiled.positiontup or ()]

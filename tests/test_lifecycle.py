@@ -743,14 +743,14 @@ def _worker_db_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [
         r.getMessage()
         for r in caplog.records
-        if r.name == "aiomq.worker" and r.levelno >= logging.INFO and ("fail" in r.getMessage())
+        if r.name.startswith("aiomq.") and r.levelno >= logging.INFO and ("fail" in r.getMessage())
     ]
 
 
 async def test_terminated_pool_connections_between_jobs(
     make_worker: MakeWorker, db: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="aiomq.worker")
+    caplog.set_level(logging.INFO, logger="aiomq")
 
     async def handler(job: JobContext) -> Any:
         return job.args["n"]
@@ -775,7 +775,7 @@ async def test_terminated_pool_connections_between_jobs(
 async def test_terminated_pool_connections_during_a_job(
     make_worker: MakeWorker, db: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="aiomq.worker")
+    caplog.set_level(logging.INFO, logger="aiomq")
     release = asyncio.Event()
 
     async def handler(job: JobContext) -> str:
@@ -970,7 +970,7 @@ MALFORMED = [
 async def test_malformed_notifications_are_logged_and_ignored(
     make_worker: MakeWorker, source: AsyncMQSource, db: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="aiomq.worker")
+    caplog.set_level(logging.WARNING, logger="aiomq")
     worker = make_worker({"q": echo}, timeout=60)
     async with worker:
         for payload in MALFORMED:

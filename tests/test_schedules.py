@@ -581,7 +581,7 @@ async def test_stale_schedules_skip_to_the_cutoff_and_fire_at_most_once(
     db: Any,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="aiomq.worker")
+    caplog.set_level(logging.WARNING, logger="aiomq")
     t0 = clock.now
     # Occurrences at t0 + 60k s and at t0 + 12 + 60k s; both are due at t0 + 1 min (+12 s).
     firing = await source.add_schedule("tick", "firing", rrule="FREQ=MINUTELY", now=t0)
@@ -689,7 +689,7 @@ async def test_scheduler_row_of_a_live_owner_is_respected_and_a_stale_one_taken_
     db: Any,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="aiomq.worker")
+    caplog.set_level(logging.WARNING, logger="aiomq")
     t0 = clock.now
     schedule = await source.add_schedule("tick", "beat", rrule="FREQ=MINUTELY", now=t0)
     # Someone else owns the queue's schedules and is alive (its advisory lock is held).

@@ -22,9 +22,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from aiomq import AsyncMQSource, AsyncMQWorker, FailedJobError, JobContext
 from aiomq.model import Model
+from aiomq.testing import hook_listener_statements
 
 from .conftest import Clock
-from .faults import hook_listener_statements
 
 MakeWorker = Callable[..., AsyncMQWorker]
 LOCK_KEY = 1250360252

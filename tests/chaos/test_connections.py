@@ -20,8 +20,8 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from aiomq import AsyncMQSource, AsyncMQWorker, JobContext
+from aiomq.testing import hook_listener_statements
 
-from ..faults import hook_listener_statements
 from . import (
     LISTENER_APP,
     MODEL,

@@ -1,0 +1,152 @@
+"""Claiming: the statements the worker runs on its own connection, the one holding its advisory lock."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql as pg
+
+from .parts import Parts
+
+__all__ = ["ClaimStatements"]
+
+
+class ClaimStatements:
+    """Claim due jobs, find when the next becomes due, adopt the jobs of a claim whose reply was lost."""
+
+    def __init__(self, p: Parts) -> None:
+        job, cursor = p.job, p.cursor
+        wanted = sa.func.unnest(p.queues).table_valued("name").render_derived(name="wanted")
+        #: What a claim returns, and what ``JobContext.from_claim`` reads.
+        self.claimed = (
+            job.c.id,
+            job.c.queue,
+            job.c.method,
+            job.c.args,
+            job.c.cursor_key,
+            job.c.cursor_snapshot,
+            job.c.trace,
+            job.c.scheduled_time,
+            job.c.created_time,
+        )
+        snapshot = sa.select(cursor.c.properties).where(cursor.c.key == job.c.cursor_key).scalar_subquery()
+
+        #: Claim up to ``limit`` due jobs of ``queues`` at ``now`` for worker ``name`` holding ``lock_id``.
+        #: SKIP LOCKED lets workers claim side by side; the first CTE locks candidates in due order, and the
+        #: window (not allowed beside FOR UPDATE, hence the second step) keeps one job per cursor. A claim
+        #: race on one cursor between two workers surfaces as a unique violation on
+        #: uq_mq_job_active_cursor_key, which the worker retries at once (the cursor is then busy).
+        self.claim = (
+            job.update()
+            .where(job.c.id == self._picked(p, wanted).c.id)
+            .values(
+                state=p.running,
+                lock_id=sa.bindparam("lock_id", type_=sa.Integer),
+                worker=sa.bindparam("name", type_=sa.Text),
+                start_time=sa.bindparam("now", type_=sa.DateTime),
+                cursor_snapshot=snapshot,
+            )
+            .returning(*self.claimed)
+        )
+
+        #: The earliest time a job of ``queues`` becomes claimable (cursor not busy), or NULL.
+        first_due = (
+            sa.select(job.c.scheduled_time)
+            .where(job.c.state == p.pending)
+            .where(job.c.queue == wanted.c.name)
+            .where(~p.cursor_busy)
+            .order_by(*p.due_order)
+            .limit(1)
+            .lateral("first_due")
+        )
+        self.next_due = sa.select(sa.func.min(first_due.c.scheduled_time)).select_from(
+            wanted.join(first_due, sa.true())
+        )
+
+        #: Take back the jobs of claims whose reply never arrived (the connection died after the commit):
+        #: ``running`` (or ``lost``, if the lock changed meanwhile) for worker ``name`` with a ``start_time``
+        #: among ``stamps`` (each failed claim stamped its own ``now``), not among ``known`` (the jobs the
+        #: worker runs). Their handlers never ran. Re-stamped under ``lock_id``; returns what ``claim`` does.
+        self.adopt = (
+            job.update()
+            .where(job.c.state.in_([p.running, p.lost]))
+            .where(job.c.worker == sa.bindparam("name", type_=sa.Text))
+            .where(job.c.start_time == sa.any_(sa.bindparam("stamps", type_=pg.ARRAY(sa.DateTime))))
+            .where(job.c.queue == sa.any_(p.queues))
+            .where(job.c.id != sa.all_(sa.bindparam("known", type_=pg.ARRAY(sa.BigInteger))))
+            .values(
+                state=p.running,
+                lock_id=sa.bindparam("lock_id", type_=sa.Integer),
+                end_time=None,
+            )
+            .returning(*self.claimed)
+        )
+
+        #: Take the session advisory lock (``lock_key``, ``lock_id``) that is a worker's liveness, if free.
+        self.try_lock = sa.select(
+            sa.func.pg_try_advisory_lock(
+                sa.bindparam("lock_key", type_=sa.Integer), sa.bindparam("lock_id", type_=sa.Integer)
+            )
+        )
+
+    @staticmethod
+    def _picked(p: Parts, wanted: Any) -> Any:
+        """The ids a claim takes: due jobs in order, SKIP LOCKED, at most one per cursor."""
+        job = p.job
+        # One ordered walk of ix_aiomq_job_pending_due per queue (PostgreSQL before 17 cannot walk a btree
+        # in order for ``queue = ANY(...)`` and would sort the whole backlog), merged, then the first
+        # ``limit``: a claim's cost does not grow with the backlog.
+        per_queue = (
+            sa.select(job.c.id, job.c.cursor_key, *p.due_order)
+            .where(job.c.state == p.pending)
+            .where(job.c.queue == wanted.c.name)
+            .where(job.c.scheduled_time <= sa.bindparam("now", type_=sa.DateTime))
+            .where(~p.cursor_busy)
+            .order_by(*p.due_order)
+            .limit(sa.bindparam("limit", type_=sa.Integer))
+            .with_for_update(skip_locked=True, of=job)
+            .lateral("candidates")
+        )
+        locked = (
+            sa.select(
+                per_queue.c.id, per_queue.c.cursor_key, per_queue.c.scheduled_time, per_queue.c.created_time
+            )
+            .select_from(wanted.join(per_queue, sa.true()))
+            .order_by(per_queue.c.scheduled_time, per_queue.c.created_time, per_queue.c.id)
+            .limit(sa.bindparam("limit", type_=sa.Integer))
+            .cte("locked")
+        )
+        ranked = sa.select(
+            locked.c.id,
+            locked.c.cursor_key,
+            locked.c.scheduled_time,
+            locked.c.created_time,
+            sa.func.row_number()
+            .over(
+                partition_by=locked.c.cursor_key,
+                order_by=(locked.c.scheduled_time, locked.c.created_time, locked.c.id),
+            )
+            .label("rank"),
+        ).subquery("ranked")
+        # An earlier due job of the same cursor in these queues that the walk did not lock was skipped:
+        # another worker is claiming it. Taking this one would run the cursor out of order, and a
+        # psycopg2_mq worker (whose claim reads the cursor, then writes the job in a second statement)
+        # could then start that earlier job from a cursor this one is about to change.
+        earlier = job.alias("earlier")
+        skipped_ahead = (
+            sa.exists()
+            .where(earlier.c.cursor_key == ranked.c.cursor_key)
+            .where(earlier.c.state == p.pending)
+            .where(earlier.c.queue == sa.any_(p.queues))
+            .where(earlier.c.scheduled_time <= sa.bindparam("now", type_=sa.DateTime))
+            .where(
+                sa.tuple_(earlier.c.scheduled_time, earlier.c.created_time, earlier.c.id)
+                < sa.tuple_(ranked.c.scheduled_time, ranked.c.created_time, ranked.c.id)
+            )
+        )
+        return (
+            sa.select(ranked.c.id)
+            .where(sa.or_(ranked.c.cursor_key.is_(None), sa.and_(ranked.c.rank == 1, ~skipped_ahead)))
+            .cte("picked")
+        )
