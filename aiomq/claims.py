@@ -14,9 +14,12 @@ import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
+from sqlalchemy.engine import Dialect
+
 from .compiled import Compiled
 from .dberrors import Backoff, is_unique_violation, retrying
 from .records import JobContext
+from .sql.claims import ClaimStatements
 
 __all__ = ["ClaimSQL", "Claimer", "Connection", "due_after_empty_claim", "merge_next_due"]
 
@@ -43,10 +46,10 @@ class Connection(Protocol):
 class ClaimSQL:
     """The claim statements compiled for the link's driver."""
 
-    def __init__(self, claim: Compiled, adopt: Compiled, next_due: Compiled) -> None:
-        self.claim = claim
-        self.adopt = adopt
-        self.next_due = next_due
+    def __init__(self, statements: ClaimStatements, dialect: Dialect) -> None:
+        self.claim = Compiled(statements.claim, dialect)
+        self.adopt = Compiled(statements.adopt, dialect)
+        self.next_due = Compiled(statements.next_due, dialect)
 
 
 def due_after_empty_claim(

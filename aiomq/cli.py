@@ -160,16 +160,7 @@ def _model_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="aiomq",
-        description="An asyncio job queue on PostgreSQL (psycopg2_mq compatible).",
-        epilog="Every option also reads an AIOMQ_* environment variable, e.g. AIOMQ_DATABASE_URL.",
-    )
-    parser.add_argument("--version", action="version", version=f"aiomq {__version__}")
-    _common(parser, top=True)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
+def _add_worker(commands: Any) -> None:
     worker = commands.add_parser("worker", help="run a worker for the queues of MODULE:ATTR")
     worker.add_argument(
         "queues",
@@ -195,6 +186,19 @@ def build_parser() -> argparse.ArgumentParser:
     _model_option(worker)
     _common(worker, top=False)
     worker.set_defaults(func=_cmd_worker, default_log_level="INFO")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="aiomq",
+        description="An asyncio job queue on PostgreSQL (psycopg2_mq compatible).",
+        epilog="Every option also reads an AIOMQ_* environment variable, e.g. AIOMQ_DATABASE_URL.",
+    )
+    parser.add_argument("--version", action="version", version=f"aiomq {__version__}")
+    _common(parser, top=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    _add_worker(commands)
 
     schema = commands.add_parser("schema", help="print the schema's DDL, or create the missing tables")
     schema.add_argument(

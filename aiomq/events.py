@@ -18,7 +18,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from . import channels
 from .enqueue import Enqueuer, validate_call
@@ -28,6 +28,7 @@ from .sql import Statements
 
 __all__ = [
     "Announcement",
+    "Announcer",
     "Emit",
     "announce",
     "announcement",
@@ -169,3 +170,43 @@ def _append_event(key: str, event: dict[str, Any]) -> Callable[[Any], None]:
             job.args = args
 
     return resolve
+
+
+class Announcer:
+    """:func:`announce` for the worker's own transactions (on an ``AsyncConnection``): events go through
+    ``source_for(session)`` (the worker's ``mq_source_factory``, so a subclass may change ``emit_event``)."""
+
+    def __init__(
+        self,
+        st: Statements,
+        source_for: Callable[[AsyncSession], Any],
+        clock: Callable[[], datetime.datetime],
+    ) -> None:
+        self._st = st
+        self._source_for = source_for
+        self._clock = clock
+
+    async def emit(self, conn: AsyncConnection, name: str, data: dict[str, Any]) -> None:
+        """Emit event ``name`` in ``conn``'s transaction."""
+        async with AsyncSession(bind=conn) as session:
+            await self._source_for(session).emit_event(name, data, now=self._clock())
+            await session.flush()
+
+    async def announce(
+        self, conn: AsyncConnection, row: Any, state: str, cursor_key: str | None, *, result: Any = None
+    ) -> None:
+        """What ``row`` (a state change's returned row, with ``has_listeners``) entering ``state`` sends."""
+
+        async def emit(name: str, data: dict[str, Any]) -> None:
+            await self.emit(conn, name, data)
+
+        await announce(
+            conn.execute,
+            self._st,
+            row,
+            state,
+            cursor_key=cursor_key,
+            has_listeners=row.has_listeners,
+            emit=emit,
+            result=result,
+        )

@@ -16,7 +16,7 @@ from .dberrors import Backoff, retrying
 from .errors import SchemaMissingError
 from .listener import Listener
 
-__all__ = ["Link", "StatementHook"]
+__all__ = ["Link", "StatementHook", "prove_same_database"]
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,16 @@ class Link:
         if listener is not None:
             await listener.close()
         self.lock_id = None
+
+
+async def prove_same_database(listener: Listener, send: Callable[[str, str], Awaitable[None]]) -> None:
+    """``ValueError`` unless a NOTIFY sent by ``send(channel, payload)`` (through the engine) arrives on
+    ``listener``: the two must reach the same database, or the worker's lock would guard nothing."""
+    if not await listener.probe(send, timeout=10):
+        raise ValueError(
+            "the listener connection and the engine do not reach the same database: a NOTIFY sent "
+            "through the engine did not arrive on listener_dsn"
+        )
 
 
 def _wrapped(

@@ -12,15 +12,13 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .dberrors import Transactions
+from .events import Announcer
 from .scheduler import Scheduler
 from .sql import Statements
 
 __all__ = ["Maintenance"]
 
 log = logging.getLogger(__name__)
-
-#: ``announce(conn, row, state, cursor_key)``: what a state change sends, in ``conn``'s transaction.
-Announce = Callable[[AsyncConnection, Any, str, "str | None"], Awaitable[None]]
 
 
 class Maintenance:
@@ -32,7 +30,7 @@ class Maintenance:
         keepalive: Callable[[float], Awaitable[bool]],
         lock_id: Callable[[], int | None],
         scheduler: Scheduler,
-        announce: Announce,
+        announcer: Announcer,
         queues: Sequence[str],
         lock_key: int,
         name: str,
@@ -44,7 +42,7 @@ class Maintenance:
         self._keepalive = keepalive
         self._lock_id = lock_id
         self._scheduler = scheduler
-        self._announce = announce
+        self._announcer = announcer
         self._queues = list(queues)
         self._lock_key = lock_key
         self._name = name
@@ -64,7 +62,7 @@ class Maintenance:
             params = {"queues": self._queues, "lock_key": self._lock_key, "now": now}
             lost = list(await conn.execute(maintenance.mark_lost, params))
             for job in lost:
-                await self._announce(conn, job, lost_state, job.cursor_key)
+                await self._announcer.announce(conn, job, lost_state, job.cursor_key)
             await self._scheduler.maintain(conn, now, self._lock_id())
             return stale, lost
 

@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from . import channels
 from .compiled import Compiled
 from .dberrors import Backoff, Transactions, retrying
-from .events import Announcement, announce, announcement, finished_event
+from .events import Announcement, Announcer, announcement, finished_event
 from .execution import Outcome
 from .model import JobStates
 from .records import JobContext
@@ -31,9 +31,6 @@ from .sql import Statements
 __all__ = ["Record", "Recorder", "prepare"]
 
 log = logging.getLogger(__name__)
-
-#: ``emit(conn, name, data)``: emit an event in ``conn``'s transaction.
-ConnEmit = Callable[[AsyncConnection, str, dict[str, Any]], Awaitable[None]]
 
 _BATCH = 500
 
@@ -88,7 +85,7 @@ class Recorder:
         transactions: Transactions,
         is_retryable: Callable[[BaseException], bool],
         stopping: Callable[[], bool],
-        emit: ConnEmit,
+        announcer: Announcer,
         on_recorded: Callable[[Record], None],
     ) -> None:
         self._engine = engine
@@ -101,7 +98,7 @@ class Recorder:
         self._tx = transactions
         self._is_retryable = is_retryable
         self._stopping = stopping
-        self._emit = emit
+        self._announcer = announcer
         self._on_recorded = on_recorded
         self._queue: list[tuple[Record, asyncio.Future[None]]] = []
         self._wakeup = asyncio.Event()
@@ -217,7 +214,9 @@ class Recorder:
                     record = by_id[row.id]
                     plan = self._plan(record, row.has_listeners)
                     if plan.event:
-                        await self._emit(conn, *finished_event(record.state, row, result=record.result))
+                        await self._announcer.emit(
+                            conn, *finished_event(record.state, row, result=record.result)
+                        )
                     if plan.successor_hint and row.cursor_key is not None:
                         freed.add(row.cursor_key)
                 if freed:
@@ -281,7 +280,7 @@ class Recorder:
                 if record.cursor_json is not None:
                     cursor = {"key": job.cursor_key, "properties_json": record.cursor_json, "job_id": job.id}
                     await conn.execute(self._st.outcomes.save_cursor, cursor)
-                await self._announce(conn, row, record.state, job.cursor_key, result=record.result)
+                await self._announcer.announce(conn, row, record.state, job.cursor_key, result=record.result)
                 return True
 
         def give_up(failures: int, ex: BaseException) -> bool:
@@ -291,23 +290,6 @@ class Recorder:
             log.warning("recording job %s failed (%s); retrying in %.1fs", job.id, ex, delay)
 
         return await retrying(op, backoff=self._backoff, give_up=give_up, on_retry=on_retry)
-
-    async def _announce(
-        self, conn: AsyncConnection, row: Any, state: str, cursor_key: str | None, result: Any = None
-    ) -> None:
-        async def emit(name: str, data: dict[str, Any]) -> None:
-            await self._emit(conn, name, data)
-
-        await announce(
-            conn.execute,
-            self._st,
-            row,
-            state,
-            cursor_key=cursor_key,
-            has_listeners=row.has_listeners,
-            emit=emit,
-            result=result,
-        )
 
     async def abandon(self, job: JobContext, *, sync: bool) -> None:
         """A handler was cancelled by stop(timeout): an async job goes back to pending, a sync one is lost."""
@@ -319,7 +301,7 @@ class Recorder:
                 params = {"job_id": job.id, "now": self._clock()}
                 row = (await conn.execute(outcomes.mark_one_lost, params)).first()
                 if row is not None:
-                    await self._announce(conn, row, self._states.LOST, job.cursor_key)
+                    await self._announcer.announce(conn, row, self._states.LOST, job.cursor_key)
                 return row
             row = (await conn.execute(outcomes.requeue, {"job_id": job.id})).first()
             if row is not None:

@@ -163,9 +163,7 @@ else:
         return _DEFAULT_MODEL
 
     @pytest_asyncio.fixture
-    async def aiomq_database_url(
-        aiomq_server_url: str, aiomq_metadata: sa.MetaData
-    ) -> AsyncIterator[str]:
+    async def aiomq_database_url(aiomq_server_url: str, aiomq_metadata: sa.MetaData) -> AsyncIterator[str]:
         """A fresh database with the queue's tables, dropped after the test."""
         async with temporary_database(aiomq_server_url, metadata=aiomq_metadata) as url:
             yield url

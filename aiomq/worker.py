@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import functools
 import json
 import logging
 import os
@@ -24,16 +25,16 @@ import socket
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import channels, signals
 from .claims import Claimer, ClaimSQL
 from .compiled import Compiled
 from .dberrors import Backoff, Transactions, is_retryable
 from .dsn import libpq_dsn
-from .events import announce
+from .events import Announcer
 from .execution import Executor, Handler
-from .link import Link
+from .link import Link, prove_same_database
 from .listener import Listener
 from .maintenance import Maintenance
 from .model import Model
@@ -43,7 +44,7 @@ from .scheduler import Scheduler
 from .schema import check_schema
 from .serialize import error_result
 from .source import AsyncMQSource
-from .sql import statements
+from .sql import Statements, statements
 from .wakeup import sleep_delay
 
 __all__ = ["AsyncMQWorker"]
@@ -53,6 +54,17 @@ log = logging.getLogger(__name__)
 
 def _seconds(value: float | datetime.timedelta) -> float:
     return value.total_seconds() if isinstance(value, datetime.timedelta) else float(value)
+
+
+def _active(job: JobContext) -> dict[str, Any]:
+    """A running job as ``get_status()`` lists it."""
+    return {
+        "id": job.id,
+        "queue": job.queue,
+        "method": job.method,
+        "args": job.args,
+        "cursor_key": job.cursor_key,
+    }
 
 
 class AsyncMQWorker:
@@ -129,24 +141,16 @@ class AsyncMQWorker:
         self._st = st
         self._backoff = backoff
         self._channels = {channels.queue_channel(self.model.channel_prefix, q): q for q in self.queues}
-        self._link = Link(
-            name=self.name,
-            make_listener=self._make_listener,
-            backoff=backoff,
-            sleep=self._sleep,
-            stopping=stopping,
-        )
+        self._link = self._wire_link(st, backoff, stopping)
         tx = Transactions(
             self.engine, backoff=backoff, is_retryable=self.is_retryable_error, stopping=stopping
         )
         self._tx = tx
+        source_for = lambda session: self.mq_source_factory(dbsession=session, model=self.model)  # noqa: E731
+        announcer = Announcer(st, source_for, self.clock)
         self._claimer = Claimer(
             link=self._link,
-            sql=ClaimSQL(
-                Compiled(st.claims.claim, dialect),
-                Compiled(st.claims.adopt, dialect),
-                Compiled(st.claims.next_due, dialect),
-            ),
+            sql=ClaimSQL(st.claims, dialect),
             queues=self.queues,
             name=self.name,
             clock=self.clock,
@@ -171,9 +175,32 @@ class AsyncMQWorker:
             transactions=tx,
             is_retryable=self.is_retryable_error,
             stopping=stopping,
-            emit=self._emit,
+            announcer=announcer,
             on_recorded=self._on_recorded,
         )
+        self._wire_duties(st, tx, announcer, backoff)
+
+    def _wire_link(self, st: Statements, backoff: Backoff, stopping: Callable[[], bool]) -> Link:
+        dialect = self.engine.dialect
+        make_listener = functools.partial(
+            Listener,
+            dsn=self.listener_dsn,
+            channels=self._channels,
+            lock_key=self.lock_key,
+            application_name=f"aiomq worker {self.name}"[:63],
+            on_notify=self._on_notify,
+            on_lost=self._wake,
+            try_lock=Compiled(st.claims.try_lock, dialect),
+            keepalive=Compiled(st.maintenance.keepalive, dialect),
+            json_deserializer=getattr(dialect, "_json_deserializer", None) or json.loads,
+        )
+        return Link(
+            name=self.name, make_listener=make_listener, backoff=backoff, sleep=self._sleep, stopping=stopping
+        )
+
+    def _wire_duties(self, st: Statements, tx: Transactions, announcer: Announcer, backoff: Backoff) -> None:
+        """The periodic duties: schedules and maintenance."""
+        source_for = lambda session: self.mq_source_factory(dbsession=session, model=self.model)  # noqa: E731
         self._scheduler = Scheduler(
             st=st,
             transactions=tx,
@@ -182,7 +209,7 @@ class AsyncMQWorker:
             clock=self.clock,
             timeout=self.timeout,
             retry_after=backoff.cap,
-            source_for=lambda session: self.mq_source_factory(dbsession=session, model=self.model),
+            source_for=source_for,
             is_retryable=self.is_retryable_error,
         )
         self._maintenance = Maintenance(
@@ -191,15 +218,13 @@ class AsyncMQWorker:
             keepalive=self._link.keepalive,
             lock_id=lambda: self._link.lock_id,
             scheduler=self._scheduler,
-            announce=self._announce,
+            announcer=announcer,
             queues=self.queues,
             lock_key=self.lock_key,
             name=self.name,
             clock=self.clock,
             timeout=self.timeout,
         )
-        self._keepalive_sql = Compiled(st.maintenance.keepalive, dialect)
-        self._try_lock_sql = Compiled(st.claims.try_lock, dialect)
 
     # ---------------------------------------------------------------- public lifecycle
 
@@ -278,16 +303,7 @@ class AsyncMQWorker:
             "queues": list(self.queues),
             "lock_id": self._link.lock_id,
             "listener_connected": self._link.alive,
-            "active_jobs": [
-                {
-                    "id": job.id,
-                    "queue": job.queue,
-                    "method": job.method,
-                    "args": job.args,
-                    "cursor_key": job.cursor_key,
-                }
-                for job in self._jobs.values()
-            ],
+            "active_jobs": [_active(job) for job in self._jobs.values()],
         }
 
     # ---------------------------------------------------------------- overridable
@@ -408,19 +424,6 @@ class AsyncMQWorker:
 
     # ---------------------------------------------------------------- the connection
 
-    def _make_listener(self) -> Listener:
-        return Listener(
-            dsn=self.listener_dsn,
-            channels=self._channels,
-            lock_key=self.lock_key,
-            application_name=f"aiomq worker {self.name}"[:63],
-            on_notify=self._on_notify,
-            on_lost=self._wake,
-            try_lock=self._try_lock_sql,
-            keepalive=self._keepalive_sql,
-            json_deserializer=getattr(self.engine.dialect, "_json_deserializer", None) or json.loads,
-        )
-
     def _on_notify(self, channel: str, payload: str) -> None:
         queue = self._channels.get(channel)
         if queue is None:
@@ -448,11 +451,7 @@ class AsyncMQWorker:
             async with self.engine.begin() as conn:
                 await conn.execute(self._st.notify, {"channel": channel, "payload": payload})
 
-        if not await listener.probe(send, timeout=10):
-            raise ValueError(
-                "the listener connection and the engine do not reach the same database: a NOTIFY sent "
-                "through the engine did not arrive on listener_dsn"
-            )
+        await prove_same_database(listener, send)
 
     async def _recover(self, old_lock_id: int, lock_id: int) -> None:
         await self._maintenance.recover(old_lock_id, lock_id, list(self._jobs))
@@ -501,27 +500,6 @@ class AsyncMQWorker:
         if record.job.cursor_key is not None:  # its cursor is free: its next job may be ours
             self._claimer.hint(self.clock())
             self._wake()
-
-    async def _emit(self, conn: AsyncConnection, name: str, data: dict[str, Any]) -> None:
-        """Emit an event through the source factory (a subclass may change ``emit_event``), in ``conn``."""
-        async with AsyncSession(bind=conn) as session:
-            source = self.mq_source_factory(dbsession=session, model=self.model)
-            await source.emit_event(name, data, now=self.clock())
-            await session.flush()
-
-    async def _announce(self, conn: AsyncConnection, row: Any, state: str, cursor_key: str | None) -> None:
-        async def emit(name: str, data: dict[str, Any]) -> None:
-            await self._emit(conn, name, data)
-
-        await announce(
-            conn.execute,
-            self._st,
-            row,
-            state,
-            cursor_key=cursor_key,
-            has_listeners=row.has_listeners,
-            emit=emit,
-        )
 
     def _cancel_handlers(self) -> None:
         for job_id in list(self._in_handler):
