@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import functools
 import json
 import logging
 import os
@@ -134,12 +133,10 @@ class AsyncMQWorker:
 
     def _wire(self) -> None:
         """Build the parts, each with what it needs (bound methods, no back-references)."""
-        st = statements(self.model)
+        st = self._st = statements(self.model)
         dialect = self.engine.dialect
-        backoff = Backoff(self.retry_intervals, self.jitter)
+        backoff = self._backoff = Backoff(self.retry_intervals, self.jitter)
         stopping: Callable[[], bool] = lambda: self._stopping  # noqa: E731
-        self._st = st
-        self._backoff = backoff
         self._channels = {channels.queue_channel(self.model.channel_prefix, q): q for q in self.queues}
         self._link = self._wire_link(st, backoff, stopping)
         tx = Transactions(
@@ -178,29 +175,32 @@ class AsyncMQWorker:
             announcer=announcer,
             on_recorded=self._on_recorded,
         )
-        self._wire_duties(st, tx, announcer, backoff)
+        self._wire_duties(st, tx, announcer, source_for)
 
     def _wire_link(self, st: Statements, backoff: Backoff, stopping: Callable[[], bool]) -> Link:
         dialect = self.engine.dialect
-        make_listener = functools.partial(
-            Listener,
-            dsn=self.listener_dsn,
-            channels=self._channels,
-            lock_key=self.lock_key,
-            application_name=f"aiomq worker {self.name}"[:63],
-            on_notify=self._on_notify,
-            on_lost=self._wake,
-            try_lock=Compiled(st.claims.try_lock, dialect),
-            keepalive=Compiled(st.maintenance.keepalive, dialect),
-            json_deserializer=getattr(dialect, "_json_deserializer", None) or json.loads,
-        )
+        try_lock = Compiled(st.claims.try_lock, dialect)
+        keepalive = Compiled(st.maintenance.keepalive, dialect)
+
+        def make_listener() -> Listener:  # reads listener_dsn at each connect: it may be changed
+            return Listener(
+                dsn=self.listener_dsn,
+                channels=self._channels,
+                lock_key=self.lock_key,
+                application_name=f"aiomq worker {self.name}"[:63],
+                on_notify=self._on_notify,
+                on_lost=self._wake,
+                try_lock=try_lock,
+                keepalive=keepalive,
+                json_deserializer=getattr(dialect, "_json_deserializer", None) or json.loads,
+            )
+
         return Link(
             name=self.name, make_listener=make_listener, backoff=backoff, sleep=self._sleep, stopping=stopping
         )
 
-    def _wire_duties(self, st: Statements, tx: Transactions, announcer: Announcer, backoff: Backoff) -> None:
+    def _wire_duties(self, st: Statements, tx: Transactions, announcer: Announcer, source_for: Any) -> None:
         """The periodic duties: schedules and maintenance."""
-        source_for = lambda session: self.mq_source_factory(dbsession=session, model=self.model)  # noqa: E731
         self._scheduler = Scheduler(
             st=st,
             transactions=tx,
@@ -208,7 +208,7 @@ class AsyncMQWorker:
             name=self.name,
             clock=self.clock,
             timeout=self.timeout,
-            retry_after=backoff.cap,
+            retry_after=self._backoff.cap,
             source_for=source_for,
             is_retryable=self.is_retryable_error,
         )
