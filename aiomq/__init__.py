@@ -10,6 +10,7 @@ from .model import make_default_model as make_default_model
 from .records import JobContext as JobContext
 from .records import JobInfo as JobInfo
 from .records import QueuedJob as QueuedJob
+from .retry import Retry as Retry
 from .source import AsyncMQSource as AsyncMQSource
 from .worker import AsyncMQWorker as AsyncMQWorker
 
@@ -24,6 +25,7 @@ __all__ = [
     "JobStates",
     "Model",
     "QueuedJob",
+    "Retry",
     "SchemaMissingError",
     "make_default_model",
 ]

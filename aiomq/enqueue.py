@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from . import channels
 from .records import QueuedJob, check_queue_name, to_naive_utc, utcnow
+from .retry import RETRY_KEY, TIMEOUT_KEY, Retry, as_retry, as_timeout
 from .serialize import MAX_KEY_BYTES, check_text, dump_json
 from .sql import Statements
 
@@ -64,6 +65,8 @@ CALL_ARGUMENTS = frozenset(
         "job_kwargs",
         "schedule_ids",
         "listener_ids",
+        "retry",
+        "timeout",
     }
 )
 _ITEM_KEYS = CALL_ARGUMENTS | {"queue", "method", "args"}
@@ -174,6 +177,8 @@ def validate_call(
     job_kwargs: Mapping[str, Any] | None = None,
     schedule_ids: Iterable[int] | None = None,
     listener_ids: Iterable[int] | None = None,
+    retry: Retry | int | None = None,
+    timeout: float | datetime.timedelta | None = None,
 ) -> Call:
     """``call``'s arguments checked and encoded; ``job_columns`` is the job table's ``.c``."""
     check_queue_name(queue)
@@ -185,6 +190,7 @@ def validate_call(
     schedules, listeners = sorted_ids(schedule_ids), sorted_ids(listener_ids)
     trace = merge_ids(trace, "mq_schedule_ids", schedules)
     trace = merge_ids(trace, "mq_listener_ids", listeners)
+    trace = with_policy(trace, as_retry(retry), as_timeout(timeout))
     trace_json = "null" if trace is None else dump_json(trace, "trace")
     extra = dict(job_kwargs or {})
     for key in extra:
@@ -206,6 +212,22 @@ def validate_call(
         schedule_ids=schedules,
         listener_ids=listeners,
     )
+
+
+def with_policy(trace: Any, retry: Retry | None, timeout: float | None) -> Any:
+    """``trace`` with the job's retry policy and timeout (a copy; unchanged when there are none)."""
+    if retry is None and timeout is None:
+        return trace
+    if trace is not None and not isinstance(trace, dict):
+        raise TypeError(
+            f"trace must be a dict (or None) to carry a retry policy or a timeout, got {type(trace).__name__}"
+        )
+    trace = dict(trace or {})
+    if retry is not None:
+        trace[RETRY_KEY] = retry.to_trace()
+    if timeout is not None:
+        trace[TIMEOUT_KEY] = timeout
+    return trace
 
 
 def validate_call_item(job_columns: Any, index: int, item: Mapping[str, Any], now: datetime.datetime) -> Call:

@@ -98,13 +98,18 @@ async def announce(
     has_listeners: bool,
     emit: Emit,
     result: Any = None,
+    retry_job_id: int | None = None,
 ) -> None:
     """Send what ``row`` (a job: ``id``, ``queue``, ``method``, ``start_time``, ``end_time``) entering
-    ``state`` sends, in the caller's transaction."""
+    ``state`` sends, in the caller's transaction. A failure retried as job ``retry_job_id`` says so in its
+    event's data."""
     states = st.parts.model.JobStates
     plan = announcement(states, state, cursor_key=cursor_key, has_listeners=has_listeners)
     if plan.event:
-        await emit(*finished_event(state, row, result=result, lost=state == states.LOST))
+        name, data = finished_event(state, row, result=result, lost=state == states.LOST)
+        if retry_job_id is not None:
+            data["retry_job_id"] = retry_job_id
+        await emit(name, data)
     if plan.finished_note:
         payload = channels.finished_payload(row.id, state)
         await execute(st.notify, {"channel": channels.FINISHED_CHANNEL, "payload": payload})
@@ -193,7 +198,14 @@ class Announcer:
             await session.flush()
 
     async def announce(
-        self, conn: AsyncConnection, row: Any, state: str, cursor_key: str | None, *, result: Any = None
+        self,
+        conn: AsyncConnection,
+        row: Any,
+        state: str,
+        cursor_key: str | None,
+        *,
+        result: Any = None,
+        retry_job_id: int | None = None,
     ) -> None:
         """What ``row`` (a state change's returned row, with ``has_listeners``) entering ``state`` sends."""
 
@@ -209,4 +221,5 @@ class Announcer:
             has_listeners=row.has_listeners,
             emit=emit,
             result=result,
+            retry_job_id=retry_job_id,
         )

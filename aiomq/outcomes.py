@@ -10,6 +10,7 @@ was cancelled by ``stop(timeout)`` are put back (async) or marked lost (sync) he
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -25,6 +26,7 @@ from .events import Announcement, Announcer, announcement, finished_event
 from .execution import Outcome
 from .model import JobStates
 from .records import JobContext
+from .retry import Retry
 from .serialize import dump_json, error_result
 from .sql import Statements
 
@@ -38,21 +40,41 @@ _BATCH = 500
 class Record:
     """An outcome ready to store: JSON already encoded and checked."""
 
-    __slots__ = ("cursor_json", "job", "result_json", "state")
+    __slots__ = ("cursor_json", "job", "result_json", "retry_wait", "state")
 
-    def __init__(self, job: JobContext, state: str, result_json: str | None, cursor_json: str | None) -> None:
+    def __init__(
+        self,
+        job: JobContext,
+        state: str,
+        result_json: str | None,
+        cursor_json: str | None,
+        retry_wait: float | None = None,
+    ) -> None:
         self.job = job
         self.state = state
         self.result_json = result_json
         self.cursor_json = cursor_json
+        #: Seconds until the next run, for a failure its retry policy gives another run.
+        self.retry_wait = retry_wait
 
     @property
     def result(self) -> Any:
         return None if self.result_json is None else json.loads(self.result_json)
 
 
-def prepare(states: type[JobStates], job: JobContext, outcome: Outcome) -> Record:
-    """Encode the outcome; what JSON or jsonb cannot store fails the job with an error saying why."""
+def prepare(
+    states: type[JobStates], job: JobContext, outcome: Outcome, policy: Retry | None = None
+) -> Record:
+    """Encode the outcome; what JSON or jsonb cannot store fails the job with an error saying why. A
+    retryable failure with runs left under ``policy`` gets the wait before its next run."""
+    if outcome.retryable and policy is not None and policy.runs_left(job.attempt):
+        record = _encode(states, job, outcome)
+        record.retry_wait = policy.wait(job.attempt)
+        return record
+    return _encode(states, job, outcome)
+
+
+def _encode(states: type[JobStates], job: JobContext, outcome: Outcome) -> Record:
     try:
         result_json = None if outcome.result is None else dump_json(outcome.result, "the job result")
         cursor_json = None
@@ -87,6 +109,7 @@ class Recorder:
         stopping: Callable[[], bool],
         announcer: Announcer,
         on_recorded: Callable[[Record], None],
+        policy: Callable[[JobContext], Retry | None] = lambda job: None,
     ) -> None:
         self._engine = engine
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
@@ -100,6 +123,7 @@ class Recorder:
         self._stopping = stopping
         self._announcer = announcer
         self._on_recorded = on_recorded
+        self._policy = policy
         self._queue: list[tuple[Record, asyncio.Future[None]]] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -117,7 +141,8 @@ class Recorder:
     async def record(self, job: JobContext, outcome: Outcome) -> None:
         """Hand the outcome to the recorder, which records outcomes in batches, and wait until it did."""
         done = asyncio.get_running_loop().create_future()
-        self._queue.append((prepare(self._states, job, outcome), done))
+        policy = self._policy(job) if outcome.retryable else None
+        self._queue.append((prepare(self._states, job, outcome, policy), done))
         self._wakeup.set()
         await done
 
@@ -157,12 +182,15 @@ class Recorder:
 
     async def _record_batch(self, records: list[Record]) -> None:
         """Those whose event nobody listens to (with their cursors) in one autocommit statement, the rest
-        (events, and those the statement left out) in one transaction. Retried while retryable."""
-        rows = await self._until_recorded(len(records), lambda: self._record_quiet(records))
-        done = {row["id"] for row in rows}
-        for record in records:
-            if record.job.id in done:
-                self._recorded(record, True)
+        (events, retries, and those the statement left out) in one transaction. Retried while retryable."""
+        quiet = [r for r in records if r.retry_wait is None]
+        done: set[int] = set()
+        if quiet:
+            rows = await self._until_recorded(len(quiet), lambda: self._record_quiet(quiet))
+            done = {row["id"] for row in rows}
+            for record in quiet:
+                if record.job.id in done:
+                    self._recorded(record, True)
         records = [r for r in records if r.job.id not in done]
         if records:
             await self._record_in_transaction(records)
@@ -209,14 +237,16 @@ class Recorder:
                         "job_ids": [r.job.id for r in saves],
                     }
                     await conn.execute(outcomes.save_cursors, cursors)
+                retries = await self._schedule_retries(conn, [by_id[row.id] for row in rows])
                 freed: set[str] = set()  # the finish_many statement sent each job's mq.job_finished
                 for row in rows:
                     record = by_id[row.id]
                     plan = self._plan(record, row.has_listeners)
                     if plan.event:
-                        await self._announcer.emit(
-                            conn, *finished_event(record.state, row, result=record.result)
-                        )
+                        name, data = finished_event(record.state, row, result=record.result)
+                        if row.id in retries:
+                            data["retry_job_id"] = retries[row.id]
+                        await self._announcer.emit(conn, name, data)
                     if plan.successor_hint and row.cursor_key is not None:
                         freed.add(row.cursor_key)
                 if freed:
@@ -227,6 +257,29 @@ class Recorder:
         recorded = {row.id for row in rows}
         for record in records:
             self._recorded(record, record.job.id in recorded)
+
+    async def _schedule_retries(self, conn: AsyncConnection, recorded: list[Record]) -> dict[int, int]:
+        """The next runs of the recorded failures that get one, in ``conn``'s transaction: {failed: new}."""
+        wanted = [r for r in recorded if r.retry_wait is not None]
+        if not wanted:
+            return {}
+        now = self._clock()
+        params = {
+            "ids": [r.job.id for r in wanted],
+            "scheduled": [now + datetime.timedelta(seconds=r.retry_wait or 0) for r in wanted],
+            "attempts": [r.job.attempt + 1 for r in wanted],
+            "now": now,
+        }
+        retries = {row.source_id: row.id for row in await conn.execute(self._st.outcomes.retry_many, params)}
+        for record, when in zip(wanted, params["scheduled"], strict=True):
+            log.warning(
+                "job %s failed on attempt %d; its retry is job %s at %s",
+                record.job.id,
+                record.job.attempt,
+                retries.get(record.job.id),
+                when,
+            )
+        return retries
 
     def _plan(self, record: Record, has_listeners: bool) -> Announcement:
         return announcement(
@@ -280,7 +333,15 @@ class Recorder:
                 if record.cursor_json is not None:
                     cursor = {"key": job.cursor_key, "properties_json": record.cursor_json, "job_id": job.id}
                     await conn.execute(self._st.outcomes.save_cursor, cursor)
-                await self._announcer.announce(conn, row, record.state, job.cursor_key, result=record.result)
+                retries = await self._schedule_retries(conn, [record])
+                await self._announcer.announce(
+                    conn,
+                    row,
+                    record.state,
+                    job.cursor_key,
+                    result=record.result,
+                    retry_job_id=retries.get(job.id),
+                )
                 return True
 
         def give_up(failures: int, ex: BaseException) -> bool:

@@ -7,6 +7,8 @@ import datetime
 import re
 from typing import Any
 
+from .retry import attempt_of
+
 __all__ = ["QUEUE_NAME", "JobContext", "JobInfo", "QueuedJob", "check_queue_name", "utcnow"]
 
 #: Queue names become NOTIFY channels ``mq_<queue>``; channel names are limited to 63 bytes.
@@ -77,6 +79,10 @@ class JobContext:
     ``cursor`` is a mutable dict for cursor jobs (``{}`` before the cursor's first save) and None for jobs
     without a cursor; what the handler leaves in it is saved when the job succeeds. Changing ``args`` has no
     effect on the database. ``extend(**kw)`` attaches attributes of the queue's own.
+
+    ``attempt`` is the run number (1 for the first run; a retry's is one more than the run it retries).
+    ``abort_requested`` becomes True when someone asked to abort the job (``AsyncMQSource.abort_job``): a
+    sync handler, which cannot be interrupted, may check it and return early.
     """
 
     def __init__(
@@ -100,6 +106,8 @@ class JobContext:
         ids = trace if isinstance(trace, dict) else {}
         self.schedule_ids: list[int] | None = ids.get("mq_schedule_ids")
         self.listener_ids: list[int] | None = ids.get("mq_listener_ids")
+        self.attempt = attempt_of(trace)
+        self.abort_requested = False
 
     def extend(self, **kw: Any) -> None:
         for key, value in kw.items():

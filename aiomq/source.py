@@ -6,8 +6,10 @@ A facade: validation and inserting live in :mod:`aiomq.enqueue`, what a state ch
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime
+import functools
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -20,6 +22,7 @@ from .events import announce, emit_to_listeners
 from .model import Model, all_states, finished_states
 from .records import JobInfo, QueuedJob, to_naive_utc, utcnow
 from .registry import Registry
+from .retry import RETRIED_BY_KEY, Retry
 from .schema import schema_errors
 from .serialize import dump_json
 from .sql import statements
@@ -96,8 +99,15 @@ class AsyncMQSource(Registry):
         job_kwargs: dict[str, Any] | None = None,
         schedule_ids: Iterable[int] | None = None,
         listener_ids: Iterable[int] | None = None,
+        retry: Retry | int | None = None,
+        timeout: float | datetime.timedelta | None = None,
     ) -> QueuedJob:
-        """Enqueue a job, or join the pending collapsible job on its cursor (then ``created`` is False)."""
+        """Enqueue a job, or join the pending collapsible job on its cursor (then ``created`` is False).
+
+        ``retry`` (a :class:`~aiomq.Retry`, or an int n for ``Retry(max_attempts=n)``) and ``timeout``
+        (seconds or a timedelta) go in the job's trace: they override the worker's ``retry`` and
+        ``job_timeout`` for this job. A join keeps the pending job's own.
+        """
         call = validate_call(  # everything is checked before any SQL
             self._st.parts.job.c,
             queue,
@@ -112,6 +122,8 @@ class AsyncMQSource(Registry):
             job_kwargs=job_kwargs,
             schedule_ids=schedule_ids,
             listener_ids=listener_ids,
+            retry=retry,
+            timeout=timeout,
         )
         if self._autocommit is not None and not call.linked:
             # Engine mode: a new job is one autocommit statement (INSERT and NOTIFY), one round trip.
@@ -282,19 +294,41 @@ class AsyncMQSource(Registry):
             )
 
     async def wait_for_job(
-        self, job_id: int, *, timeout: float | None = None, poll_interval: float = 1.0
+        self,
+        job_id: int,
+        *,
+        timeout: float | None = None,
+        poll_interval: float = 1.0,
+        follow_retries: bool = False,
     ) -> JobInfo:
         """Wait until the job is completed, failed, canceled or lost; return it then.
 
-        Raises ``TimeoutError`` after ``timeout`` seconds and ``LookupError`` for an id no committed job
-        has (commit before waiting).
+        With ``follow_retries``, a job that failed with a retry scheduled (``aiomq_retried_by`` in its
+        trace) is followed to its retry, and so on: the last attempt is returned once it is final.
+        Raises ``TimeoutError`` after ``timeout`` seconds in all and ``LookupError`` for an id no committed
+        job has (commit before waiting).
         """
         done = finished_states(self.model.JobStates)
-        return await wait_for_job(
-            self._bound_engine(),
-            job_id,
-            lambda: self._job_info(job_id),
-            lambda info: info.state in done,
-            timeout=timeout,
-            poll_interval=poll_interval,
-        )
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            left = None if deadline is None else max(deadline - loop.time(), 0.0)
+            try:
+                info = await wait_for_job(
+                    self._bound_engine(),
+                    job_id,
+                    functools.partial(self._job_info, job_id),
+                    lambda info: info.state in done,
+                    timeout=left,
+                    poll_interval=poll_interval,
+                )
+            except TimeoutError:
+                raise TimeoutError(f"job {job_id} did not finish within {timeout} seconds") from None
+            retried_by = info.trace.get(RETRIED_BY_KEY) if isinstance(info.trace, dict) else None
+            if (
+                not follow_retries
+                or info.state != self.model.JobStates.FAILED
+                or not isinstance(retried_by, int)
+            ):
+                return info
+            job_id = retried_by

@@ -27,23 +27,19 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import channels, signals
-from .claims import Claimer, ClaimSQL
-from .compiled import Compiled
-from .dberrors import Backoff, Transactions, is_retryable
+from .assembly import Callbacks, assemble
+from .dberrors import is_retryable
 from .dsn import libpq_dsn
-from .events import Announcer
-from .execution import Executor, Handler
-from .link import Link, prove_same_database
+from .execution import Handler, Middleware, check_middleware
+from .link import prove_same_database
 from .listener import Listener
-from .maintenance import Maintenance
 from .model import Model
-from .outcomes import Record, Recorder
+from .outcomes import Record
 from .records import JobContext, check_queue_name, utcnow
-from .scheduler import Scheduler
+from .retry import Policies, Retry
 from .schema import check_schema
 from .serialize import error_result
 from .source import AsyncMQSource
-from .sql import Statements, statements
 from .wakeup import sleep_delay
 
 __all__ = ["AsyncMQWorker"]
@@ -85,6 +81,10 @@ class AsyncMQWorker:
         capture_signals: bool = False,
         mq_source_factory: Callable[..., AsyncMQSource] = AsyncMQSource,
         clock: Callable[[], datetime.datetime] | None = None,
+        retry: Retry | int | Mapping[str, Retry | int] | None = None,
+        lost_grace: float | datetime.timedelta = 120.0,
+        job_timeout: float | datetime.timedelta | Mapping[str, float | datetime.timedelta] | None = None,
+        middleware: Sequence[Middleware] = (),
     ) -> None:
         if not isinstance(engine, AsyncEngine) or engine.dialect.driver != "asyncpg":
             raise ValueError(
@@ -112,7 +112,15 @@ class AsyncMQWorker:
         self.capture_signals = capture_signals
         self.mq_source_factory = mq_source_factory
         self.clock = clock or utcnow
+        self._policies = Policies(self.queues, retry=retry, job_timeout=job_timeout)
+        self.lost_grace = _seconds(lost_grace)
+        if not self.lost_grace >= 0:
+            raise ValueError(f"lost_grace must be zero or more seconds, got {lost_grace!r}")
+        self._middleware = check_middleware(middleware)
+        self._init_state()
 
+    def _init_state(self) -> None:
+        """The worker's own run-time state, and its parts (:mod:`aiomq.assembly`)."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._running = False
         self._stopping = False
@@ -128,103 +136,26 @@ class AsyncMQWorker:
         # whose outcome is being recorded frees its slot, so the next claim overlaps the finish; at most
         # ``_max_unrecorded`` jobs may be claimed or waiting for their outcome to be recorded.
         self._in_slot: set[int] = set()
-        self._max_unrecorded = 4 * concurrency
-        self._wire()
-
-    def _wire(self) -> None:
-        """Build the parts, each with what it needs (bound methods, no back-references)."""
-        st = self._st = statements(self.model)
-        dialect = self.engine.dialect
-        backoff = self._backoff = Backoff(self.retry_intervals, self.jitter)
-        stopping: Callable[[], bool] = lambda: self._stopping  # noqa: E731
+        self._max_unrecorded = 4 * self.concurrency
         self._channels = {channels.queue_channel(self.model.channel_prefix, q): q for q in self.queues}
-        self._link = self._wire_link(st, backoff, stopping)
-        tx = Transactions(
-            self.engine, backoff=backoff, is_retryable=self.is_retryable_error, stopping=stopping
-        )
-        self._tx = tx
-        source_for = lambda session: self.mq_source_factory(dbsession=session, model=self.model)  # noqa: E731
-        announcer = Announcer(st, source_for, self.clock)
-        self._claimer = Claimer(
-            link=self._link,
-            sql=ClaimSQL(st.claims, dialect),
-            queues=self.queues,
-            name=self.name,
-            clock=self.clock,
-            backoff=backoff,
-            is_retryable=self.is_retryable_error,
-            stopping=stopping,
-            start=self._start,
-            running=self._jobs.keys,
-            timeout=self.timeout,
-        )
-        self._executor = Executor(
-            states=self.model.JobStates,
-            worker_name=self.name,
-            concurrency=self.concurrency,
-            result_from_error=self.result_from_error,
-        )
-        self._recorder = Recorder(
-            engine=self.engine,
-            st=st,
-            clock=self.clock,
-            backoff=backoff,
-            transactions=tx,
-            is_retryable=self.is_retryable_error,
-            stopping=stopping,
-            announcer=announcer,
-            on_recorded=self._on_recorded,
-        )
-        self._wire_duties(st, tx, announcer, source_for)
-
-    def _wire_link(self, st: Statements, backoff: Backoff, stopping: Callable[[], bool]) -> Link:
-        dialect = self.engine.dialect
-        try_lock = Compiled(st.claims.try_lock, dialect)
-        keepalive = Compiled(st.maintenance.keepalive, dialect)
-
-        def make_listener() -> Listener:  # reads listener_dsn at each connect: it may be changed
-            return Listener(
-                dsn=self.listener_dsn,
-                channels=self._channels,
-                lock_key=self.lock_key,
-                application_name=f"aiomq worker {self.name}"[:63],
+        parts = assemble(
+            self,
+            Callbacks(
+                start=self._start,
+                running=self._jobs.keys,
                 on_notify=self._on_notify,
-                on_lost=self._wake,
-                try_lock=try_lock,
-                keepalive=keepalive,
-                json_deserializer=getattr(dialect, "_json_deserializer", None) or json.loads,
-            )
-
-        return Link(
-            name=self.name, make_listener=make_listener, backoff=backoff, sleep=self._sleep, stopping=stopping
+                on_recorded=self._on_recorded,
+                wake=self._wake,
+                sleep=self._sleep,
+                stopping=lambda: self._stopping,
+            ),
+            channels=self._channels,
+            policies=self._policies,
+            middleware=self._middleware,
         )
-
-    def _wire_duties(self, st: Statements, tx: Transactions, announcer: Announcer, source_for: Any) -> None:
-        """The periodic duties: schedules and maintenance."""
-        self._scheduler = Scheduler(
-            st=st,
-            transactions=tx,
-            queues=self.queues,
-            name=self.name,
-            clock=self.clock,
-            timeout=self.timeout,
-            retry_after=self._backoff.cap,
-            source_for=source_for,
-            is_retryable=self.is_retryable_error,
-        )
-        self._maintenance = Maintenance(
-            st=st,
-            transactions=tx,
-            keepalive=self._link.keepalive,
-            lock_id=lambda: self._link.lock_id,
-            scheduler=self._scheduler,
-            announcer=announcer,
-            queues=self.queues,
-            lock_key=self.lock_key,
-            name=self.name,
-            clock=self.clock,
-            timeout=self.timeout,
-        )
+        self._st, self._link, self._tx = parts.st, parts.link, parts.transactions
+        self._claimer, self._executor, self._recorder = parts.claimer, parts.executor, parts.recorder
+        self._scheduler, self._maintenance = parts.scheduler, parts.maintenance
 
     # ---------------------------------------------------------------- public lifecycle
 
@@ -304,6 +235,7 @@ class AsyncMQWorker:
             "lock_id": self._link.lock_id,
             "listener_connected": self._link.alive,
             "active_jobs": [_active(job) for job in self._jobs.values()],
+            "overdue": sorted(self._executor.overdue),
         }
 
     # ---------------------------------------------------------------- overridable
@@ -475,12 +407,17 @@ class AsyncMQWorker:
         handler = self.handlers[job.queue]
         self._in_handler[job.id] = not handler.is_async
         try:
-            outcome = await self._executor.execute(handler, job)
+            outcome = await self._executor.execute(
+                handler, job, self._policies.timeout_for(job.queue, job.trace)
+            )
         except asyncio.CancelledError:
             self._in_handler.pop(job.id, None)
-            await asyncio.shield(self._recorder.abandon(job, sync=not handler.is_async))
-            self._forget(job.id)
-            raise
+            task = asyncio.current_task()
+            if not job.abort_requested or task is None or task.uncancel() > 0:  # stop(timeout)
+                await asyncio.shield(self._recorder.abandon(job, sync=not handler.is_async))
+                self._forget(job.id)
+                raise
+            outcome = self._executor.aborted(job)
         self._in_handler.pop(job.id, None)
         self._in_slot.discard(job.id)  # the next claim need not wait for this outcome to be recorded
         self._wake()

@@ -107,6 +107,16 @@ UPDATE mq_job SET start_time=%(start_time)s::TIMESTAMP WITHOUT TIME ZONE, end_ti
 FROM mq_job AS twin
 WHERE twin.state = 'pending' AND twin.collapsible = true AND twin.cursor_key = mq_job.cursor_key AND twin.queue = mq_job.queue AND twin.method = mq_job.method)) THEN false ELSE mq_job.collapsible END, lock_id=%(lock_id)s::INTEGER, worker=%(worker)s::VARCHAR WHERE mq_job.id = %(job_id)s::BIGINT AND mq_job.state IN ('running', 'lost') RETURNING mq_job.id;
 
+-- outcomes.retry_many
+WITH retried AS
+(INSERT INTO mq_job (state, created_time, scheduled_time, queue, method, args, cursor_key, collapsible, trace) SELECT 'pending', %(now)s::TIMESTAMP WITHOUT TIME ZONE AS anon_1, wanted.scheduled AS scheduled, failed.queue AS queue, failed.method AS method, failed.args AS args, failed.cursor_key AS cursor_key, false AS anon_2, CASE WHEN (jsonb_typeof(failed.trace) = %(jsonb_typeof_2)s::VARCHAR) THEN failed.trace ELSE CAST(%(param_4)s::VARCHAR AS JSONB) END || jsonb_build_object(%(param_5)s::VARCHAR, failed.id, %(param_6)s::VARCHAR, wanted.attempt) AS anon_3
+FROM unnest(%(ids)s::BIGINT[], %(scheduled)s::TIMESTAMP WITHOUT TIME ZONE[], %(attempts)s::INTEGER[]) AS wanted(id, scheduled, attempt) JOIN mq_job AS failed ON failed.id = wanted.id ORDER BY wanted.id RETURNING mq_job.id, mq_job.queue, mq_job.scheduled_time, CAST(mq_job.trace ->> %(trace_1)s::TEXT AS BIGINT) AS source_id),
+marked AS
+(UPDATE mq_job SET trace=(CASE WHEN (jsonb_typeof(mq_job.trace) = %(jsonb_typeof_1)s::VARCHAR) THEN mq_job.trace ELSE CAST(%(param_2)s::VARCHAR AS JSONB) END || jsonb_build_object(%(param_3)s::VARCHAR, retried.id)) FROM retried WHERE mq_job.id = retried.source_id RETURNING mq_job.id)
+ SELECT retried.id, retried.source_id, pg_notify(%(param_1)s::VARCHAR || retried.queue, concat(%(concat_1)s::VARCHAR, retried.id, %(concat_2)s::VARCHAR, CAST(floor(EXTRACT(epoch FROM retried.scheduled_time)) AS BIGINT), %(concat_3)s::VARCHAR)) AS notified, (SELECT count(*) AS count_1
+FROM marked) AS marked
+FROM retried;
+
 -- outcomes.mark_one_lost
 UPDATE mq_job SET end_time=%(now)s::TIMESTAMP WITHOUT TIME ZONE, state='lost', lock_id=%(lock_id)s::INTEGER WHERE mq_job.id = %(job_id)s::BIGINT AND mq_job.state = 'running' RETURNING mq_job.id, mq_job.queue, mq_job.method, mq_job.start_time, mq_job.end_time, EXISTS (SELECT *
 FROM mq_job_listener

@@ -12,7 +12,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "aiomq"
 
 # Each module may import only modules of a lower layer (docs/architecture.md draws the same picture).
 LAYERS: list[set[str]] = [
-    {"errors", "serialize", "channels", "compiled", "wakeup", "signals", "embedded"},
+    {"errors", "serialize", "channels", "compiled", "wakeup", "signals", "embedded", "retry"},
     {"records", "dberrors", "dsn", "schedules", "model", "listener"},
     {"sql.parts", "schema", "execution"},
     {"sql.lookups", "sql.claims", "sql.enqueue", "sql.outcomes", "sql.maintenance", "sql.schedules"},
@@ -21,6 +21,7 @@ LAYERS: list[set[str]] = [
     {"events", "waiters"},
     {"registry", "outcomes", "scheduler"},
     {"source", "maintenance"},
+    {"assembly"},
     {"worker"},
     {"__init__"},
     {"testing", "demo"},

@@ -10,9 +10,13 @@ from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from .. import channels
+from ..retry import ATTEMPT_KEY, RETRIED_BY_KEY
 from .parts import Parts, json_param, lit
 
 __all__ = ["OutcomeStatements"]
+
+#: The trace key psycopg2_mq's retry_job writes: the job a retry comes from.
+SOURCE_KEY = "mq_source_job_id"
 
 
 class OutcomeStatements:
@@ -75,6 +79,7 @@ class OutcomeStatements:
             job.c.cursor_key == sa.any_(sa.bindparam("keys", type_=pg.ARRAY(sa.Text)))
         )
         self.requeue = self._requeue(p)
+        self.retry_many = self._retry_many(p)
 
         #: Mark one job lost now (``job_id``, ``now``): its handler could not be interrupted.
         self.mark_one_lost = (
@@ -176,6 +181,78 @@ class OutcomeStatements:
         )
 
     @staticmethod
+    def _retry_many(p: Parts) -> Any:
+        """Schedule the next run of failed jobs (arrays ``ids``, ``scheduled``, ``attempts``; ``now``), as
+        ``retry_job`` would: a new pending job of the same queue, method, args and cursor, not
+        collapsible, its trace copied with ``mq_source_job_id`` and ``aiomq_attempt``; the failed job's
+        trace gets ``aiomq_retried_by``. Returns each new job's ``id`` and ``source_id`` and sends its
+        ``{"j", "t"}`` NOTIFY. Run in the transaction that records the failures."""
+        job = p.job
+        wanted = (
+            sa.func.unnest(
+                sa.bindparam("ids", type_=pg.ARRAY(sa.BigInteger)),
+                sa.bindparam("scheduled", type_=pg.ARRAY(sa.DateTime)),
+                sa.bindparam("attempts", type_=pg.ARRAY(sa.Integer)),
+            )
+            .table_valued("id", "scheduled", "attempt")
+            .render_derived(name="wanted", with_types=False)
+        )
+        failed = job.alias("failed")
+        source_key = sa.literal(SOURCE_KEY, sa.Text)
+        trace = _as_object(failed.c.trace).op("||")(
+            sa.func.jsonb_build_object(
+                source_key, failed.c.id, sa.literal(ATTEMPT_KEY, sa.Text), wanted.c.attempt
+            )
+        )
+        inserted = (
+            pg_insert(job)
+            .from_select(
+                _RETRY_COLUMNS,
+                sa.select(
+                    p.pending,
+                    sa.bindparam("now", type_=sa.DateTime),
+                    wanted.c.scheduled,
+                    failed.c.queue,
+                    failed.c.method,
+                    failed.c.args,
+                    failed.c.cursor_key,
+                    sa.false(),
+                    trace,
+                )
+                .select_from(wanted.join(failed, failed.c.id == wanted.c.id))
+                .order_by(wanted.c.id),
+            )
+            .returning(
+                job.c.id,
+                job.c.queue,
+                job.c.scheduled_time,
+                sa.cast(job.c.trace[SOURCE_KEY].astext, sa.BigInteger).label("source_id"),
+            )
+            .cte("retried")
+        )
+        marked = (
+            job.update()
+            .where(job.c.id == inserted.c.source_id)
+            .values(
+                trace=_as_object(job.c.trace).op("||")(
+                    sa.func.jsonb_build_object(sa.literal(RETRIED_BY_KEY, sa.Text), inserted.c.id)
+                )
+            )
+            .returning(job.c.id)
+            .cte("marked")
+        )
+        epoch = sa.cast(sa.func.floor(sa.extract("epoch", inserted.c.scheduled_time)), sa.BigInteger)
+        return sa.select(
+            inserted.c.id,
+            inserted.c.source_id,
+            sa.func.pg_notify(
+                channels.queue_channel_sql(p.model.channel_prefix, inserted.c.queue),
+                channels.job_payload_sql(inserted.c.id, epoch),
+            ).label("notified"),
+            sa.select(sa.func.count()).select_from(marked).scalar_subquery().label("marked"),
+        )
+
+    @staticmethod
     def _requeue(p: Parts) -> Any:
         """Put a job whose handler was cancelled by stop(timeout) back to pending (``job_id``). If a newer
         collapsible job took its collapse slot meanwhile, it returns as non-collapsible."""
@@ -204,3 +281,24 @@ class OutcomeStatements:
             )
             .returning(job.c.id)
         )
+
+
+#: The columns a retry's INSERT fills (the rest keep their defaults, as for ``retry_job``).
+_RETRY_COLUMNS = [
+    "state",
+    "created_time",
+    "scheduled_time",
+    "queue",
+    "method",
+    "args",
+    "cursor_key",
+    "collapsible",
+    "trace",
+]
+
+
+def _as_object(trace: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+    """A trace as a JSON object to add keys to: ``{}`` when it is anything else (``retry_job``'s rule)."""
+    return sa.case(
+        (sa.func.jsonb_typeof(trace) == "object", trace), else_=sa.cast(sa.literal("{}"), pg.JSONB)
+    )
