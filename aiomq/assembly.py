@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
@@ -44,6 +44,7 @@ class Settings(Protocol):
     listener_dsn: str
     clock: Callable[[], datetime.datetime]
     mq_source_factory: Callable[..., Any]
+    lost_grace: float
 
     def is_retryable_error(self, ex: BaseException) -> bool: ...
 
@@ -58,6 +59,7 @@ class Callbacks:
     running: Callable[[], Iterable[int]]
     on_notify: Callable[[str, str], None]
     on_recorded: Callable[[Record], None]
+    on_abort: Callable[[list[int]], None]
     wake: Callable[[], None]
     sleep: Callable[[float], Any]
     stopping: Callable[[], bool]
@@ -80,7 +82,7 @@ def assemble(
     w: Settings,
     cb: Callbacks,
     *,
-    channels: Mapping[str, str],
+    channels: Sequence[str],
     policies: Policies,
     middleware: Sequence[Middleware],
 ) -> Parts:
@@ -136,23 +138,11 @@ def assemble(
         source_for=source_for,
         is_retryable=w.is_retryable_error,
     )
-    maintenance = Maintenance(
-        st=st,
-        transactions=tx,
-        keepalive=link.keepalive,
-        lock_id=lambda: link.lock_id,
-        scheduler=scheduler,
-        announcer=announcer,
-        queues=w.queues,
-        lock_key=w.lock_key,
-        name=w.name,
-        clock=w.clock,
-        timeout=w.timeout,
-    )
+    maintenance = _maintenance(w, cb, st, tx, link, scheduler, announcer, policies, backoff)
     return Parts(st, backoff, link, tx, claimer, executor, recorder, scheduler, maintenance)
 
 
-def _link(w: Settings, cb: Callbacks, st: Statements, backoff: Backoff, channels: Mapping[str, str]) -> Link:
+def _link(w: Settings, cb: Callbacks, st: Statements, backoff: Backoff, channels: Sequence[str]) -> Link:
     dialect = w.engine.dialect
     try_lock = Compiled(st.claims.try_lock, dialect)
     keepalive = Compiled(st.maintenance.keepalive, dialect)
@@ -172,4 +162,37 @@ def _link(w: Settings, cb: Callbacks, st: Statements, backoff: Backoff, channels
 
     return Link(
         name=w.name, make_listener=make_listener, backoff=backoff, sleep=cb.sleep, stopping=cb.stopping
+    )
+
+
+def _maintenance(
+    w: Settings,
+    cb: Callbacks,
+    st: Statements,
+    tx: Transactions,
+    link: Link,
+    scheduler: Scheduler,
+    announcer: Announcer,
+    policies: Policies,
+    backoff: Backoff,
+) -> Maintenance:
+    return Maintenance(
+        st=st,
+        transactions=tx,
+        keepalive=link.keepalive,
+        lock_id=lambda: link.lock_id,
+        since_reconnect=link.since_reconnect,
+        scheduler=scheduler,
+        announcer=announcer,
+        policies=policies,
+        running=cb.running,
+        on_abort=cb.on_abort,
+        lost_grace=w.lost_grace,
+        # No false alarms after a restart: at least the reconnect backoff cap (DESIGN §7.2).
+        window=backoff.cap,
+        queues=w.queues,
+        lock_key=w.lock_key,
+        name=w.name,
+        clock=w.clock,
+        timeout=w.timeout,
     )

@@ -24,9 +24,11 @@ from typing import Any, Literal
 import sqlalchemy as sa
 
 __all__ = [
+    "ABORT_CHANNEL",
     "FINISHED_CHANNEL",
     "FinishedNote",
     "QueueNote",
+    "abort_payload",
     "epoch",
     "finished_payload",
     "finished_payload_sql",
@@ -42,6 +44,8 @@ __all__ = [
 
 #: wait_for_job's channel.
 FINISHED_CHANNEL = "mq.job_finished"
+#: Workers LISTEN here for abort requests: ``{"j": <job id>}`` (aiomq's own; the dot as above).
+ABORT_CHANNEL = "mq.job_abort"
 
 _EPOCH = datetime.datetime(1970, 1, 1)
 
@@ -81,6 +85,10 @@ def job_payload_sql(
 def schedule_payload(when: datetime.datetime) -> str:
     """``{"s": null, "t": epoch}``: re-read the queue's schedules; the next one is due at ``when``."""
     return json.dumps({"s": None, "t": epoch(when)})
+
+
+def abort_payload(job_id: int) -> str:
+    return json.dumps({"j": job_id})
 
 
 def finished_payload(job_id: int, state: str) -> str:
@@ -127,7 +135,7 @@ class FinishedNote:
 
 
 def parse_finished(payload: str) -> FinishedNote:
-    """Parse a ``mq.job_finished`` payload; ``ValueError`` if it is not one."""
+    """Parse a ``mq.job_finished`` (or ``mq.job_abort``) payload; ``ValueError`` if it is not one."""
     try:
         data = json.loads(payload)
     except ValueError as ex:

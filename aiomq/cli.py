@@ -3,7 +3,7 @@
     aiomq worker --database-url URL myapp.jobs:QUEUES
     aiomq schema [--create]
     aiomq jobs [--queue Q] [--state S] [--cursor K] [--limit N]
-    aiomq job ID | retry ID | cancel ID
+    aiomq job ID | retry ID | cancel ID | abort ID
     aiomq demo [--jobs N] [--no-progress]
 
 Every option can also come from an ``AIOMQ_*`` environment variable (``--database-url`` from
@@ -231,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("job", _cmd_job, "show one job in full"),
         ("retry", _cmd_retry, "enqueue a new job like job ID; prints the new id"),
         ("cancel", _cmd_cancel, "cancel a pending or failed job"),
+        ("abort", _cmd_abort, "abort a running job (a pending one is canceled)"),
     ):
         command = commands.add_parser(name, help=text)
         command.add_argument("id", type=_job_id, metavar="ID")
@@ -461,6 +462,32 @@ async def _cancel(args: argparse.Namespace) -> int:
                 f"cannot cancel job {args.id}: it is {state}; only pending or failed jobs can be canceled"
             ) from ex
     print(f"canceled job {args.id}")
+    return 0
+
+
+def _cmd_abort(args: argparse.Namespace) -> int:
+    return asyncio.run(_abort(args))
+
+
+async def _abort(args: argparse.Namespace) -> int:
+    model = load_model(args.model)
+    async with _connected(args, model) as (engine, _):
+        source = AsyncMQSource(engine=engine, model=model)
+        try:
+            await source.abort_job(args.id)
+            state = (await source.get_job(args.id)).state
+        except LookupError:
+            raise CliError(f"no job with id {args.id}") from None
+        except RuntimeError as ex:
+            if len(ex.args) != 3:  # ("job is not pending or running", id, state)
+                raise
+            raise CliError(
+                f"cannot abort job {args.id}: it is {ex.args[2]}; only pending or running jobs can be aborted"
+            ) from ex
+    if state == model.JobStates.CANCELED:
+        print(f"canceled job {args.id} (it was pending)")
+    else:
+        print(f"asked the worker running job {args.id} to abort it")
     return 0
 
 

@@ -76,15 +76,20 @@ class Announcement:
 
 
 def announcement(
-    states: type[JobStates], state: str, *, cursor_key: str | None, has_listeners: bool
+    states: type[JobStates],
+    state: str,
+    *,
+    cursor_key: str | None,
+    has_listeners: bool,
+    held_cursor: bool = True,
 ) -> Announcement:
     """The rule (reference §11 for events): completed, failed and lost jobs emit their event, canceled ones
-    do not; every finished state wakes waiters; completing or failing frees the job's cursor, so its next
-    job's queue is told (a lost job keeps holding its cursor, a canceled one never held it)."""
+    do not; every finished state wakes waiters; a job that held its cursor (it was running or lost) frees
+    it unless it becomes lost, so the queue of the cursor's next job is told."""
     return Announcement(
         event=has_listeners and state in (states.COMPLETED, states.FAILED, states.LOST),
         finished_note=True,
-        successor_hint=cursor_key is not None and state in (states.COMPLETED, states.FAILED),
+        successor_hint=cursor_key is not None and held_cursor and state != states.LOST,
     )
 
 
@@ -99,12 +104,15 @@ async def announce(
     emit: Emit,
     result: Any = None,
     retry_job_id: int | None = None,
+    held_cursor: bool = True,
 ) -> None:
     """Send what ``row`` (a job: ``id``, ``queue``, ``method``, ``start_time``, ``end_time``) entering
     ``state`` sends, in the caller's transaction. A failure retried as job ``retry_job_id`` says so in its
     event's data."""
     states = st.parts.model.JobStates
-    plan = announcement(states, state, cursor_key=cursor_key, has_listeners=has_listeners)
+    plan = announcement(
+        states, state, cursor_key=cursor_key, has_listeners=has_listeners, held_cursor=held_cursor
+    )
     if plan.event:
         name, data = finished_event(state, row, result=result, lost=state == states.LOST)
         if retry_job_id is not None:

@@ -100,6 +100,12 @@ class Executor:
         """Run ``handler`` on ``job`` within ``timeout`` seconds. Cancellation (``stop(timeout)``, an
         abort) propagates; anything else is an outcome: ``FailedJobError`` fails the job with its result,
         other errors (a timeout among them) with an error result, and a retry policy may apply."""
+        outcome = await self._execute(handler, job, timeout)
+        if job.abort_requested and outcome.state != self._states.CANCELED:
+            return self.aborted(job)  # a sync handler returned (or anything raised) after the request
+        return outcome
+
+    async def _execute(self, handler: Handler, job: JobContext, timeout: float | None) -> Outcome:
         states = self._states
         try:
             if handler.is_async:
@@ -116,8 +122,6 @@ class Executor:
                 return self._timed_out(job, timeout, ex.__traceback__)
             log.exception("error while handling job=%s", job.id)
             return Outcome(states.FAILED, self._result_from_error(ex), False, retryable=True)
-        if job.abort_requested:
-            return self.aborted(job)
         return Outcome(states.COMPLETED, result, True)
 
     def aborted(self, job: JobContext) -> Outcome:

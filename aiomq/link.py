@@ -7,6 +7,7 @@ exactly (:func:`aiomq.testing.hook_listener_statements`), with the statement its
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -44,6 +45,8 @@ class Link:
         self._listener: Listener | None = None
         self.lock_id: int | None = None
         self.hooks: list[StatementHook] = []
+        #: The loop time of the last replacement of a dead connection (None until one happens).
+        self.reconnected_at: float | None = None
 
     @property
     def alive(self) -> bool:
@@ -102,6 +105,7 @@ class Link:
             return
         self._listener, self.lock_id = opened
         if old_lock_id is not None:
+            self.reconnected_at = asyncio.get_running_loop().time()
             log.info("worker %s reconnected (lock_id %s -> %s)", self._name, old_lock_id, self.lock_id)
 
     async def fetch(self, statement: Compiled, params: Mapping[str, Any]) -> list[Any]:
@@ -118,6 +122,12 @@ class Link:
         for hook in self.hooks:
             run = _wrapped(hook, statement.sql, run)
         return await run()
+
+    def since_reconnect(self) -> float | None:
+        """Seconds since the connection was last replaced, or None if it never was."""
+        if self.reconnected_at is None:
+            return None
+        return asyncio.get_running_loop().time() - self.reconnected_at
 
     async def keepalive(self, timeout: float) -> bool:
         """One round trip; False (and the connection dropped) if it fails."""

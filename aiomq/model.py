@@ -42,7 +42,8 @@ class Model:
 
     Build it with :func:`make_default_model`, or by hand with classes of your own (other table names,
     extra columns): aiomq reads table and column objects from these classes, never names. The link classes
-    are optional; without them no link rows are written.
+    are optional; without them no link rows are written. ``AbortRequest`` (aiomq's own table, 0.2) is
+    optional too; without it ``abort_job`` cannot abort a running job.
     """
 
     channel_prefix = "mq_"
@@ -58,6 +59,7 @@ class Model:
         JobSchedule: type[Any],
         JobListenerLink: type[Any] | None = None,
         JobScheduleLink: type[Any] | None = None,
+        AbortRequest: type[Any] | None = None,
     ) -> None:
         self.Job = Job
         self.JobStates = JobStates
@@ -67,6 +69,7 @@ class Model:
         self.JobSchedule = JobSchedule
         self.JobListenerLink = JobListenerLink
         self.JobScheduleLink = JobScheduleLink
+        self.AbortRequest = AbortRequest
 
     def __repr__(self) -> str:
         return f"<Model job_table={self.Job.__table__.name!r}>"
@@ -90,6 +93,7 @@ def make_default_model(metadata: sa.MetaData, JobStates: type[JobStates] = JobSt
     _job_constraints(Job.__table__, states)
     JobCursor, JobListener, JobSchedule = _declare_cursor_and_events(Base)
     JobListenerLink, JobScheduleLink, Lock = _declare_links_and_lock(Base)
+    AbortRequest = _declare_aiomq_tables(Base)
     return Model(
         Job=Job,
         JobStates=states,
@@ -99,6 +103,7 @@ def make_default_model(metadata: sa.MetaData, JobStates: type[JobStates] = JobSt
         JobSchedule=JobSchedule,
         JobListenerLink=JobListenerLink,
         JobScheduleLink=JobScheduleLink,
+        AbortRequest=AbortRequest,
     )
 
 
@@ -311,6 +316,26 @@ def _declare_links_and_lock(Base: type[DeclarativeBase]) -> tuple[type[Any], typ
             return f"<Lock ns={self.ns!r} key={self.key!r} lock_id={self.lock_id}>"
 
     return JobListenerLink, JobScheduleLink, Lock
+
+
+def _declare_aiomq_tables(Base: type[DeclarativeBase]) -> type[Any]:
+    """aiomq's own tables (``aiomq_*``, DESIGN §1.2): psycopg2_mq neither reads nor needs them."""
+
+    class AbortRequest(Base):  # type: ignore[misc,valid-type]  # a declarative base per metadata
+        """A request to abort a running job (``AsyncMQSource.abort_job``): durable, so it outlives the
+        worker it was sent to; deleted with its job, or by maintenance once the job is finished."""
+
+        __tablename__ = "aiomq_abort_request"
+
+        job_id: Mapped[int] = mapped_column(
+            sa.ForeignKey("mq_job.id", ondelete="cascade", onupdate="cascade"), primary_key=True
+        )
+        requested_time: Mapped[datetime.datetime] = mapped_column(sa.DateTime, nullable=False)
+
+        def __repr__(self) -> str:
+            return f"<AbortRequest job_id={self.job_id} requested_time={self.requested_time}>"
+
+    return AbortRequest
 
 
 def _quote(value: str) -> str:

@@ -30,7 +30,7 @@ from .retry import Retry
 from .serialize import dump_json, error_result
 from .sql import Statements
 
-__all__ = ["Record", "Recorder", "prepare"]
+__all__ = ["Record", "Recorder", "prepare", "schedule_retries"]
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,23 @@ def rejected(job: JobContext, states: type[JobStates], ex: BaseException) -> Rec
     """The record of a job whose outcome the database refused for good: failed, saying why."""
     result = {**error_result(ex), "message": f"the database rejected the job's outcome: {ex}"}
     return Record(job, states.FAILED, dump_json(result, "error result"), None)
+
+
+async def schedule_retries(
+    conn: AsyncConnection,
+    st: Statements,
+    items: list[tuple[int, datetime.datetime, int]],
+    now: datetime.datetime,
+) -> dict[int, int]:
+    """The next runs of failed jobs ``(job id, scheduled time, attempt)``, in ``conn``'s transaction, with
+    their NOTIFYs and the failed jobs' ``aiomq_retried_by``: ``{failed id: retry id}``."""
+    params = {
+        "ids": [i for i, _, _ in items],
+        "scheduled": [when for _, when, _ in items],
+        "attempts": [attempt for _, _, attempt in items],
+        "now": now,
+    }
+    return {row.source_id: row.id for row in await conn.execute(st.outcomes.retry_many, params)}
 
 
 class Recorder:
@@ -264,14 +281,10 @@ class Recorder:
         if not wanted:
             return {}
         now = self._clock()
-        params = {
-            "ids": [r.job.id for r in wanted],
-            "scheduled": [now + datetime.timedelta(seconds=r.retry_wait or 0) for r in wanted],
-            "attempts": [r.job.attempt + 1 for r in wanted],
-            "now": now,
-        }
-        retries = {row.source_id: row.id for row in await conn.execute(self._st.outcomes.retry_many, params)}
-        for record, when in zip(wanted, params["scheduled"], strict=True):
+        scheduled = [now + datetime.timedelta(seconds=r.retry_wait or 0) for r in wanted]
+        items = [(r.job.id, when, r.job.attempt + 1) for r, when in zip(wanted, scheduled, strict=True)]
+        retries = await schedule_retries(conn, self._st, items, now)
+        for record, when in zip(wanted, scheduled, strict=True):
             log.warning(
                 "job %s failed on attempt %d; its retry is job %s at %s",
                 record.job.id,

@@ -45,17 +45,24 @@ def model_tables(model: Model) -> list[sa.Table]:
         model.JobSchedule,
         model.JobListenerLink,
         model.JobScheduleLink,
+        model.AbortRequest,
     ]
     mine = {cls.__table__ for cls in classes if cls is not None}
     return [t for t in model.Job.__table__.metadata.sorted_tables if t in mine]
 
 
-async def check_schema(conn: AsyncConnection, model: Model) -> None:
-    """``SchemaMissingError`` naming the first of the model's tables that the database lacks."""
+async def check_schema(conn: AsyncConnection, model: Model) -> list[str]:
+    """``SchemaMissingError`` naming the first of psycopg2_mq's tables that the database lacks; the names of
+    aiomq's own tables (``aiomq_*``, 0.2 features) that it lacks are returned."""
     preparer = conn.dialect.identifier_preparer
+    optional = {cls.__table__ for cls in (model.AbortRequest,) if cls is not None}
+    missing = []
     for table in model_tables(model):
         if await conn.scalar(sa.select(sa.func.to_regclass(preparer.format_table(table)))) is None:
-            raise SchemaMissingError(table.fullname)
+            if table not in optional:
+                raise SchemaMissingError(table.fullname)
+            missing.append(table.fullname)
+    return missing
 
 
 @contextlib.contextmanager

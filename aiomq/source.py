@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
+from . import channels
 from .enqueue import Enqueuer, retry_call, validate_call, validate_call_item
 from .events import announce, emit_to_listeners
 from .model import Model, all_states, finished_states
@@ -231,12 +232,37 @@ class AsyncMQSource(Registry):
             job = await self._locked(session, job_id)
             if job.state not in (st.PENDING, st.FAILED):
                 raise RuntimeError("job is not in a valid state", job_id, job.state)
-            job.state = st.CANCELED
-            if job.end_time is None:
-                job.end_time = now
-            await session.flush()
-            await self._announce(session, job, st.CANCELED)
-        log.info("canceled job %s", job_id)
+            await self._cancel(session, job, now)
+
+    async def _cancel(self, session: AsyncSession, job: Any, now: datetime.datetime) -> None:
+        st = self.model.JobStates
+        job.state = st.CANCELED
+        if job.end_time is None:
+            job.end_time = now
+        await session.flush()
+        await self._announce(session, job, st.CANCELED, held_cursor=False)
+        log.info("canceled job %s", job.id)
+
+    async def abort_job(self, job_id: int, *, now: datetime.datetime | None = None) -> None:
+        """Abort a job: a ``pending`` one is canceled at once (as ``cancel_job``); for a ``running`` one
+        a request is stored (``aiomq_abort_request``) and its worker woken: it cancels an async handler
+        (a sync one sees ``job.abort_requested``) and records the job ``canceled``. Any other state raises
+        ``RuntimeError`` and changes nothing; an unknown id raises ``LookupError``."""
+        st = self.model.JobStates
+        now = utcnow() if now is None else to_naive_utc(now)
+        async with self._session() as session:
+            job = await self._locked(session, job_id)
+            if job.state == st.PENDING:
+                await self._cancel(session, job, now)
+                return
+            if job.state != st.RUNNING:
+                raise RuntimeError("job is not pending or running", job_id, job.state)
+            if self._st.aborts is None:
+                raise RuntimeError("this model has no abort table (Model(AbortRequest=...))", job_id)
+            await session.execute(self._st.aborts.request, {"job_id": job_id, "now": now})
+            payload = channels.abort_payload(job_id)
+            await session.execute(self._st.notify, {"channel": channels.ABORT_CHANNEL, "payload": payload})
+        log.info("asked the worker running job %s to abort it", job_id)
 
     async def fail_lost_job(self, job_id: int, *, result: Any = None) -> None:
         """Move a ``lost`` job to ``failed`` (freeing its cursor), optionally with a ``result``."""
@@ -253,7 +279,9 @@ class AsyncMQSource(Registry):
             await self._announce(session, job, st.FAILED, result=result)
         log.info("failed lost job %s", job_id)
 
-    async def _announce(self, session: AsyncSession, job: Any, state: str, result: Any = None) -> None:
+    async def _announce(
+        self, session: AsyncSession, job: Any, state: str, result: Any = None, held_cursor: bool = True
+    ) -> None:
         async def emit(name: str, data: dict[str, Any]) -> None:
             await emit_to_listeners(session, self._st, self._enqueuer, name, data, now=utcnow(), trace=None)
 
@@ -266,6 +294,7 @@ class AsyncMQSource(Registry):
             has_listeners=True,  # emit_to_listeners finds them, or none
             emit=emit,
             result=result,
+            held_cursor=held_cursor,
         )
 
     async def _locked(self, session: AsyncSession, job_id: int) -> Any:

@@ -21,7 +21,7 @@ import logging
 import os
 import random
 import socket
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -145,11 +145,12 @@ class AsyncMQWorker:
                 running=self._jobs.keys,
                 on_notify=self._on_notify,
                 on_recorded=self._on_recorded,
+                on_abort=self._abort,
                 wake=self._wake,
                 sleep=self._sleep,
                 stopping=lambda: self._stopping,
             ),
-            channels=self._channels,
+            channels=[*self._channels, channels.ABORT_CHANNEL],
             policies=self._policies,
             middleware=self._middleware,
         )
@@ -268,7 +269,8 @@ class AsyncMQWorker:
             )
         self._recorder.start(f"aiomq finisher {self.name}")
         try:
-            await self._tx.run("schema check", lambda conn: check_schema(conn, self.model))
+            missing = await self._tx.run("schema check", lambda conn: check_schema(conn, self.model))
+            self._maintenance.missing_tables(missing)
             await self._connect(first=True)
             if not self._link.connected:  # stopped while connecting
                 return
@@ -305,7 +307,7 @@ class AsyncMQWorker:
                 continue
             if loop.time() >= next_maintenance:
                 await self._maintain()
-                next_maintenance = loop.time() + self.timeout
+                next_maintenance = loop.time() + min(self.timeout, self._maintenance.again_in or self.timeout)
                 if not self._link.alive:
                     continue  # maintenance may have spanned an outage: reconnect before claiming
             if scheduler.is_due():
@@ -357,6 +359,10 @@ class AsyncMQWorker:
     # ---------------------------------------------------------------- the connection
 
     def _on_notify(self, channel: str, payload: str) -> None:
+        if channel == channels.ABORT_CHANNEL:
+            with contextlib.suppress(ValueError):  # not ours to judge: aborts are re-read at maintenance
+                self._abort([channels.parse_finished(payload).job_id])
+            return
         queue = self._channels.get(channel)
         if queue is None:
             log.warning("ignoring a notification on unknown channel %r", channel)
@@ -419,6 +425,9 @@ class AsyncMQWorker:
                 raise
             outcome = self._executor.aborted(job)
         self._in_handler.pop(job.id, None)
+        task = asyncio.current_task()
+        if job.abort_requested and task is not None and task.cancelling():  # the handler swallowed it
+            task.uncancel()
         self._in_slot.discard(job.id)  # the next claim need not wait for this outcome to be recorded
         self._wake()
         try:
@@ -437,6 +446,18 @@ class AsyncMQWorker:
         if record.job.cursor_key is not None:  # its cursor is free: its next job may be ours
             self._claimer.hint(self.clock())
             self._wake()
+
+    def _abort(self, job_ids: Iterable[int]) -> None:
+        """Someone asked to abort these jobs: those running here stop (async) or are told (sync)."""
+        for job_id in job_ids:
+            job = self._jobs.get(job_id)
+            if job is None or job.abort_requested:
+                continue
+            job.abort_requested = True
+            log.warning("job %s: abort requested", job_id)
+            task = self._tasks.get(job_id)
+            if self._in_handler.get(job_id) is False and task is not None:  # an async handler is running
+                task.cancel()
 
     def _cancel_handlers(self) -> None:
         for job_id in list(self._in_handler):

@@ -149,6 +149,24 @@ UPDATE mq_job SET end_time=%(end_time)s::TIMESTAMP WITHOUT TIME ZONE, state='run
 -- maintenance.move_locks
 UPDATE mq_lock SET lock_id=%(lock_id)s::INTEGER WHERE mq_lock.lock_id = %(old_lock_id)s::INTEGER;
 
+-- maintenance.server_uptime
+SELECT EXTRACT(epoch FROM now() - pg_postmaster_start_time()) AS uptime;
+
+-- maintenance.resolvable_lost
+SELECT mq_job.id, mq_job.queue, mq_job.method, mq_job.cursor_key, mq_job.trace, mq_job.worker, mq_job.start_time, mq_job.end_time, EXISTS (SELECT *
+FROM aiomq_abort_request
+WHERE aiomq_abort_request.job_id = mq_job.id) AS aborted
+FROM mq_job
+WHERE mq_job.state = 'lost' AND mq_job.queue = ANY (%(queues)s::TEXT[]) AND mq_job.end_time <= %(before)s::TIMESTAMP WITHOUT TIME ZONE AND (jsonb_typeof(mq_job.trace) = %(jsonb_typeof_1)s::VARCHAR AND (mq_job.trace ? %(trace_1)s::VARCHAR) OR mq_job.queue = ANY (%(policy_queues)s::TEXT[]) OR (EXISTS (SELECT *
+FROM aiomq_abort_request
+WHERE aiomq_abort_request.job_id = mq_job.id))) ORDER BY mq_job.end_time, mq_job.id
+ LIMIT %(param_1)s::INTEGER FOR UPDATE OF mq_job SKIP LOCKED;
+
+-- maintenance.resolve_lost
+UPDATE mq_job SET state=%(state)s, result=CAST(%(result_json)s::VARCHAR AS JSONB) WHERE mq_job.id = %(job_id)s::BIGINT AND mq_job.state = 'lost' RETURNING mq_job.id, mq_job.queue, mq_job.method, mq_job.start_time, mq_job.end_time, EXISTS (SELECT *
+FROM mq_job_listener
+WHERE mq_job_listener.event = (%(param_1)s::VARCHAR || CAST(mq_job.state AS TEXT) || %(param_2)s::VARCHAR || mq_job.queue || %(param_3)s::VARCHAR || mq_job.method) AND mq_job_listener.is_enabled = true) AS has_listeners;
+
 -- maintenance.keepalive
 SELECT 1;
 
@@ -192,6 +210,17 @@ WHERE mq_job_cursor.key = %(key)s::VARCHAR;
 SELECT mq_job_listener.id, mq_job_listener.created_time, mq_job_listener.is_enabled, mq_job_listener.event, mq_job_listener.queue, mq_job_listener.method, mq_job_listener.args, mq_job_listener.context_arg_key, mq_job_listener."when", mq_job_listener.cursor_key, mq_job_listener.collapse_on_cursor
 FROM mq_job_listener
 WHERE mq_job_listener.event = %(event)s::VARCHAR AND mq_job_listener.is_enabled = true ORDER BY mq_job_listener.id;
+
+-- aborts.request
+INSERT INTO aiomq_abort_request (job_id, requested_time) VALUES (%(job_id)s::BIGINT, %(now)s::TIMESTAMP WITHOUT TIME ZONE) ON CONFLICT (job_id) DO NOTHING;
+
+-- aborts.requested_among
+SELECT aiomq_abort_request.job_id
+FROM aiomq_abort_request
+WHERE aiomq_abort_request.job_id = ANY (%(ids)s::BIGINT[]);
+
+-- aborts.purge
+DELETE FROM aiomq_abort_request USING mq_job WHERE aiomq_abort_request.job_id = mq_job.id AND (mq_job.state NOT IN ('running', 'lost'));
 
 -- enqueue.enqueue_notify(call)
 WITH queued AS

@@ -59,14 +59,17 @@ def test_a_rejected_outcome_becomes_a_failure_with_the_reason() -> None:
 
 
 def test_what_a_state_change_sends() -> None:
-    def plan(state: str, cursor_key: str | None = "k", listeners: bool = True) -> tuple[bool, bool, bool]:
-        a = announcement(JobStates, state, cursor_key=cursor_key, has_listeners=listeners)
+    def plan(
+        state: str, cursor_key: str | None = "k", listeners: bool = True, held: bool = True
+    ) -> tuple[bool, bool, bool]:
+        a = announcement(JobStates, state, cursor_key=cursor_key, has_listeners=listeners, held_cursor=held)
         return a.event, a.finished_note, a.successor_hint
 
     assert plan("completed") == (True, True, True)
     assert plan("failed") == (True, True, True)
     assert plan("lost") == (True, True, False)  # a lost job keeps its cursor
-    assert plan("canceled") == (False, True, False)  # psycopg2_mq's cancel_job emits nothing
+    assert plan("canceled") == (False, True, True)  # an aborted job: psycopg2_mq emits nothing on cancel
+    assert plan("canceled", held=False) == (False, True, False)  # cancel_job: pending or failed
     assert plan("completed", cursor_key=None, listeners=False) == (False, True, False)
 
 

@@ -2,7 +2,7 @@
 
 Each library creates its tables in a fresh database of its own; both databases are then read back from
 ``pg_catalog`` (not through SQLAlchemy's reflection, which would smooth over differences) and compared.
-aiomq may add indexes named ``ix_aiomq_*``; nothing else may differ.
+aiomq may add indexes named ``ix_aiomq_*`` and tables named ``aiomq_*``; nothing else may differ.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from aiomq.model import Model
 from .pgserver import PgServer
 
 AIOMQ_EXTRA_INDEX = re.compile(r"ix_aiomq_[a-z0-9_]+")
+AIOMQ_TABLE_PREFIX = "aiomq_"
+AIOMQ_TABLES = {"aiomq_abort_request"}
 
 # -------------------------------------------------------------------------------------------------- catalogs
 
@@ -168,11 +170,16 @@ async def snapshot(dsn: str) -> Snapshot:
 
 
 def _is_aiomq_extra(category: str, row: tuple[Any, ...]) -> bool:
-    """An index of aiomq's own (or its pg_class row): allowed only in the aiomq database."""
+    """An index of aiomq's own (or its pg_class row), or a table of aiomq's own (``aiomq_*``, DESIGN §1.2)
+    with its columns, indexes and constraints: allowed only in the aiomq database."""
+    if category in ("columns", "constraints") and row[0].startswith(AIOMQ_TABLE_PREFIX):
+        return True
     if category == "indexes":
-        return bool(AIOMQ_EXTRA_INDEX.fullmatch(row[0]))
+        return bool(AIOMQ_EXTRA_INDEX.fullmatch(row[0])) or row[1].startswith(AIOMQ_TABLE_PREFIX)
     if category == "relations":
-        return row[1] == "i" and bool(AIOMQ_EXTRA_INDEX.fullmatch(row[0]))
+        return (row[1] == "i" and bool(AIOMQ_EXTRA_INDEX.fullmatch(row[0]))) or row[0].startswith(
+            AIOMQ_TABLE_PREFIX
+        )
     return False
 
 
@@ -301,9 +308,16 @@ async def test_schema_matches_psycopg2_mq(
     extras = aiomq_extras(mine, theirs)
     extra_indexes = extras.pop("indexes")
     extra_relations = extras.pop("relations")
+    # aiomq's own tables bring their columns and constraints, on those tables only
+    for category in ("columns", "constraints"):
+        assert {row[0] for row in extras.pop(category)} <= AIOMQ_TABLES, category
     assert all(not rows for rows in extras.values()), extras
-    assert {row[0] for row in extra_relations} == {row[0] for row in extra_indexes}
+    extra_tables = {row[0] for row in extra_relations if row[1] == "r"}
+    assert extra_tables == AIOMQ_TABLES
+    assert {row[0] for row in extra_relations} - extra_tables == {row[0] for row in extra_indexes}
     for name, table, _am, unique, primary, exclusion, *_ in extra_indexes:
+        if table in AIOMQ_TABLES:
+            continue
         assert table in EXPECTED_TABLES, name
         # psycopg2_mq must be able to ignore aiomq's indexes: none may refuse a row it writes.
         assert not unique, f"{name} is unique"
@@ -364,7 +378,9 @@ async def test_schema_details_are_the_references(new_database: Callable[[], Awai
         ("mq_job_listener_link", "listener_id", "mq_job_listener"),
     ):
         assert fks[table, (column,)][7:10] == (target, "c", "c")
-    pks = {row[0]: tuple(row[11]) for row in schema["constraints"] if row[2] == "p"}
+    pks = {
+        row[0]: tuple(row[11]) for row in schema["constraints"] if row[2] == "p" and row[0] in EXPECTED_TABLES
+    }
     assert pks == {
         "mq_job": ("id",),
         "mq_job_cursor": ("key",),
@@ -470,7 +486,7 @@ def test_model_channel_prefix_and_states() -> None:
         "Lock",
     ):
         assert getattr(model, name) is not None, name
-    assert {t.name for t in model.Job.metadata.sorted_tables} == EXPECTED_TABLES
+    assert {t.name for t in model.Job.metadata.sorted_tables} == EXPECTED_TABLES | AIOMQ_TABLES
 
 
 def test_renamed_states_reach_the_model() -> None:

@@ -38,7 +38,7 @@ _CALL = Call(
 
 def statements(st: Statements) -> Iterator[tuple[str, Any]]:
     """(name, statement) for every statement, by group, in a stable order."""
-    for group in ("claims", "enqueue", "outcomes", "maintenance", "schedules", "lookups"):
+    for group in ("claims", "enqueue", "outcomes", "maintenance", "schedules", "lookups", "aborts"):
         for name, value in vars(getattr(st, group)).items():
             if isinstance(value, sa.sql.ClauseElement) and not isinstance(value, sa.Table):
                 if name.startswith("_") or isinstance(value, sa.ColumnElement):

@@ -10,7 +10,8 @@ or cached by SQLAlchemy), each with a comment naming its parameters and what it 
 - :mod:`.outcomes`: finish one or many, save cursors, requeue, mark one lost, successor hints;
 - :mod:`.maintenance`: lost jobs, stale locks, re-stamping after a reconnect, keepalive;
 - :mod:`.schedules`: scheduler ownership and firing;
-- :mod:`.lookups`: what the source reads (job info, find_jobs, cursors, listeners).
+- :mod:`.lookups`: what the source reads (job info, find_jobs, cursors, listeners);
+- :mod:`.aborts`: abort requests.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import functools
 
 from ..model import Model
+from .aborts import AbortStatements
 from .claims import ClaimStatements
 from .enqueue import EnqueueStatements
 from .lookups import LookupStatements
@@ -35,10 +37,14 @@ class Statements:
     def __init__(self, model: Model) -> None:
         parts = Parts(model)
         self.parts = parts
+        #: None when the model has no abort table.
+        self.aborts = (
+            None if model.AbortRequest is None else AbortStatements(parts, model.AbortRequest.__table__)
+        )
         self.claims = ClaimStatements(parts)
         self.enqueue = EnqueueStatements(parts)
         self.outcomes = OutcomeStatements(parts)
-        self.maintenance = MaintenanceStatements(parts)
+        self.maintenance = MaintenanceStatements(parts, self.aborts)
         self.schedules = ScheduleStatements(parts)
         self.lookups = LookupStatements(parts)
         #: Send a NOTIFY (``channel``, ``payload``) inside the current transaction.
