@@ -17,10 +17,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime
 import importlib
 import inspect
-import json
 import logging
 import os
 import sys
@@ -35,7 +33,7 @@ from . import __version__
 from .dsn import DatabaseURL, check_connection, make_engine, one_line, parse_database_url, reason
 from .errors import CliError, SchemaMissingError, UsageError
 from .model import Model, all_states, make_default_model
-from .records import JobInfo
+from .output import format_job, format_jobs
 from .schema import check_schema, create_schema, describe_created, model_tables, schema_ddl
 from .source import AsyncMQSource
 from .worker import AsyncMQWorker
@@ -495,70 +493,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from . import demo  # imports rich when present: only for this command
 
     return demo.run(database_url=args.database_url, jobs=args.jobs, progress=not args.no_progress)
-
-
-# ---------------------------------------------------------------- output
-
-
-def _time(value: datetime.datetime | None) -> str:
-    return "-" if value is None else value.strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _cell(value: str | None, width: int = 32) -> str:
-    if value is None:
-        return "-"
-    text = "".join(c if c.isprintable() else "?" for c in value)  # a newline would break the table
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def format_jobs(jobs: Sequence[JobInfo], *, limit: int | None = None) -> str:
-    """A plain-text table, one job per line."""
-    if not jobs:
-        return "no jobs match"
-    header = ("ID", "QUEUE", "METHOD", "STATE", "CURSOR", "SCHEDULED", "START", "END", "WORKER")
-    rows = [
-        (
-            str(j.id),
-            _cell(j.queue),
-            _cell(j.method),
-            j.state,
-            _cell(j.cursor_key),
-            _time(j.scheduled_time),
-            _time(j.start_time),
-            _time(j.end_time),
-            _cell(j.worker, 40),
-        )
-        for j in jobs
-    ]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
-    more = f"; --limit {limit} reached" if limit is not None and len(jobs) >= limit else ""
-    lines.append(f"{len(jobs)} job{'s' if len(jobs) != 1 else ''}, newest first; times in UTC{more}")
-    return "\n".join(lines)
-
-
-def format_job(row: Any, model: Model) -> str:
-    """Every column of one job; JSON columns pretty-printed."""
-    mapper = sa.inspect(model.Job)
-    props = [(p.key, p.columns[0]) for p in mapper.column_attrs]
-    width = max(len(key) for key, _ in props) + 2
-    lines = []
-    for key, column in props:
-        value = getattr(row, key)
-        if isinstance(column.type, sa.JSON):
-            text = json.dumps(value, indent=2, ensure_ascii=False, default=str)
-            if "\n" in text:
-                lines.append(f"{key}:")
-                lines.extend("  " + line for line in text.splitlines())
-                continue
-        elif isinstance(value, datetime.datetime):
-            text = value.isoformat(sep=" ")
-        else:
-            text = "-" if value is None else str(value)
-        lines.append(f"{key + ':':<{width}}{text}")
-    if row.start_time is not None and row.end_time is not None:
-        lines.append(f"{'duration:':<{width}}{(row.end_time - row.start_time).total_seconds():.3f} s")
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- errors and main

@@ -31,7 +31,7 @@ LAYERS: list[set[str]] = [
     {"assembly"},
     {"worker"},
     {"__init__"},
-    {"testing", "demo"},
+    {"testing", "demo", "output"},
     {"cli"},
     {"__main__"},
 ]
