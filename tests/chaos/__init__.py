@@ -40,7 +40,7 @@ import asyncpg
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
-from aiomq import AsyncMQSource, make_default_model
+from aiomq import AsyncMQSource, Retry, make_default_model
 
 from ..pgserver import (
     _child_env,
@@ -101,7 +101,24 @@ CREATE TABLE chaos_kills (
     pid integer NOT NULL,
     killed_at timestamptz NOT NULL
 );
+-- Jobs marked lost whose worker was alive after all: they go from lost back to running (re-stamped).
+CREATE TABLE chaos_lost_then_running (
+    job_id bigint NOT NULL,
+    worker text,
+    at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE FUNCTION chaos_note_lost_then_running() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO chaos_lost_then_running (job_id, worker) VALUES (NEW.id, NEW.worker);
+    RETURN NEW;
+END $$;
+CREATE TRIGGER chaos_lost_then_running AFTER UPDATE OF state ON mq_job
+    FOR EACH ROW WHEN (OLD.state = 'lost' AND NEW.state = 'running')
+    EXECUTE FUNCTION chaos_note_lost_then_running();
 """
+
+#: The retry policy of the jobs that carry one: workers retry their failures and resolve them when lost.
+CHAOS_RETRY = Retry(max_attempts=3, backoff=0.1, factor=2)
 
 #: Server settings of the test-owned cluster. ``fsync`` and ``full_page_writes`` only matter when the
 #: *machine* crashes, so they stay off for speed; ``synchronous_commit`` stays on: an immediate shutdown is
@@ -494,9 +511,11 @@ class Producer:
 
     ``cursor_share`` of the jobs go to one of ``cursors`` cursors (a random one of the two queues),
     ``collapse_share`` of those with ``collapse_on_cursor=True``; ``long_share`` of the jobs run for
-    150-400 ms, the rest for ``0..max_ms`` ms. Errors (the database being down) are counted and retried on
-    the next tick; a batch whose commit failed may or may not exist, which :func:`verify` does not mind: it
-    checks every job the database has.
+    150-400 ms, the rest for ``0..max_ms`` ms. ``retry_share`` of the jobs carry :data:`CHAOS_RETRY`; of
+    those, ``fail_share`` fail their first run (the handler raises) and ``timeout_share`` run past a
+    50 ms timeout on their first run: their retries run normally. Errors (the database being down) are
+    counted and retried on the next tick; a batch whose commit failed may or may not exist, which
+    :func:`verify` does not mind: it checks every job the database has.
     """
 
     def __init__(
@@ -512,6 +531,9 @@ class Producer:
         batch: int = 10,
         interval: float = 0.05,
         max_backlog: int = 300,
+        retry_share: float = 0.3,
+        fail_share: float = 0.2,
+        timeout_share: float = 0.1,
     ) -> None:
         self.engine = engine
         self.rng = random.Random(seed)
@@ -523,6 +545,9 @@ class Producer:
         self.batch = batch
         self.interval = interval
         self.max_backlog = max_backlog
+        self.retry_share = retry_share
+        self.fail_share = fail_share
+        self.timeout_share = timeout_share
         self.stats = StreamStats()
         self._seq = 0
 
@@ -534,6 +559,14 @@ class Producer:
         if rng.random() < self.cursor_share:
             spec["cursor_key"] = f"c{rng.randrange(self.cursors):04d}"
             spec["collapse_on_cursor"] = rng.random() < self.collapse_share
+        if rng.random() < self.retry_share:
+            spec["retry"] = CHAOS_RETRY
+            draw = rng.random()
+            if draw < self.fail_share:
+                spec["args"]["fail_first"] = True
+            elif draw < self.fail_share + self.timeout_share:
+                spec["args"]["slow_first"] = True
+                spec["timeout"] = 0.05
         return spec
 
     async def enqueue(self, specs: Sequence[Mapping[str, Any]]) -> list[int]:
@@ -549,6 +582,8 @@ class Producer:
                     spec["args"],
                     cursor_key=spec.get("cursor_key"),
                     collapse_on_cursor=spec.get("collapse_on_cursor", False),
+                    retry=spec.get("retry"),
+                    timeout=spec.get("timeout"),
                 )
                 ids.append(queued.id)
                 if queued.created:
@@ -605,12 +640,15 @@ async def background(*coros: Awaitable[None], grace: float = 0.0) -> AsyncIterat
 
 
 async def resolve_lost(engine: AsyncEngine) -> list[tuple[int, int]]:
-    """What an operator does with lost jobs: ``retry_job`` (a new pending job) and ``fail_lost_job`` with a
-    marker result, in one transaction per job. Returns ``(lost_id, retry_id)`` pairs."""
+    """What an operator does with lost jobs that have no retry policy (workers resolve the others):
+    ``retry_job`` (a new pending job) and ``fail_lost_job`` with a marker result, in one transaction per
+    job. Returns ``(lost_id, retry_id)`` pairs."""
     async with engine.connect() as conn:
-        ids = list(
-            await conn.scalars(sa.text("SELECT id FROM mq_job WHERE state = 'lost' ORDER BY id LIMIT 500"))
+        query = (
+            "SELECT id FROM mq_job WHERE state = 'lost' "
+            "AND NOT (jsonb_typeof(trace) = 'object' AND trace ? 'aiomq_retry') ORDER BY id LIMIT 500"
         )
+        ids = list(await conn.scalars(sa.text(query)))
     resolved = []
     for job_id in ids:
         async with AsyncSession(engine) as session, session.begin():
@@ -662,7 +700,9 @@ class Verdict:
         return json.dumps(self.figures, default=str, sort_keys=True)
 
 
-async def verify(url: str, *, killed: Mapping[str, datetime.datetime] | None = None) -> Verdict:
+async def verify(
+    url: str, *, killed: Mapping[str, datetime.datetime] | None = None, lost_may_come_back: bool = False
+) -> Verdict:
     """Check the invariants on the final state of a chaos run.
 
     1. No job is pending, running or lost: every one is ``completed``, or ``failed`` by the operator's
@@ -675,6 +715,13 @@ async def verify(url: str, *, killed: Mapping[str, datetime.datetime] | None = N
     5. No cursor state was torn or lost: a cursor's counter equals its number of completed jobs, the values
        its completed jobs saw are exactly 0..n-1 in completion order, and ``last_job`` is the job that saw
        n-1.
+    6. No job was marked lost while its worker lived (it would go from lost back to running, re-stamped),
+       unless ``lost_may_come_back``: a worker whose own listener connection was cut looks dead to the
+       others for a moment, as DESIGN §7.2 allows; only a database restart must not cause false alarms.
+
+    Failed jobs are allowed when they are planned first-run failures (or timeouts) retried by the worker,
+    lost jobs the operator failed, or lost jobs a worker resolved (``LostJobError``); every chain of
+    retries ends completed exactly once.
     """
     killed = dict(killed or {})
     problems: list[str] = []
@@ -695,6 +742,7 @@ async def verify(url: str, *, killed: Mapping[str, datetime.datetime] | None = N
             r["worker"]: utc_naive(r["killed_at"])
             for r in await conn.fetch("SELECT worker, killed_at FROM chaos_kills")
         }
+        back_to_running = await conn.fetch("SELECT job_id, worker, at FROM chaos_lost_then_running")
     finally:
         await conn.close()
     killed.update(kills_in_db)
@@ -707,13 +755,32 @@ async def verify(url: str, *, killed: Mapping[str, datetime.datetime] | None = N
     states = collections.Counter(r["state"] for r in jobs)
 
     # 1. final states
+    def retried(job_id: int) -> int | None:
+        trace = traces[job_id]
+        return trace.get("aiomq_retried_by") if isinstance(trace, dict) else None
+
     for job in jobs:
         state, result = job["state"], results[job["id"]]
         if state in ("pending", "running", "lost", "canceled"):
             problems.append(f"job {job['id']} ended {state} (worker {job['worker']})")
-        elif state == "failed" and not _is_lost_marker(result):
+        elif (
+            state == "failed"
+            and not _is_lost_marker(result)
+            and not _is_lost_job_error(result)
+            and (retried(job["id"]) is None or not _is_planned_failure(result))
+        ):
             problems.append(f"job {job['id']} failed unexpectedly: {result}")
-    lost_ids = [r["id"] for r in jobs if r["state"] == "failed" and _is_lost_marker(results[r["id"]])]
+    lost_ids = [
+        r["id"]
+        for r in jobs
+        if r["state"] == "failed"
+        and (_is_lost_marker(results[r["id"]]) or _is_lost_job_error(results[r["id"]]))
+    ]
+    by_workers = [i for i in lost_ids if _is_lost_job_error(results[i])]
+    planned = [r["id"] for r in jobs if r["state"] == "failed" and _is_planned_failure(results[r["id"]])]
+    if not lost_may_come_back:
+        for item in back_to_running:
+            problems.append(f"job {item['job_id']} of worker {item['worker']} was marked lost but was alive")
     retry_of = {
         job_id: trace["mq_source_job_id"]
         for job_id, trace in traces.items()
@@ -733,7 +800,11 @@ async def verify(url: str, *, killed: Mapping[str, datetime.datetime] | None = N
         if count != 1:
             problems.append(f"job {job['id']} and its retries completed {count} times, not once")
     for lost_id in lost_ids:
-        expected = results[lost_id]["retried_as"]
+        result = results[lost_id]
+        expected = retried(lost_id) if _is_lost_job_error(result) else result["retried_as"]
+        attempt = (traces[lost_id] or {}).get("aiomq_attempt", 1)
+        if expected is None and _is_lost_job_error(result) and attempt >= CHAOS_RETRY.max_attempts:
+            continue  # lost on its last attempt: failed for good
         if retry_of.get(expected) != lost_id:
             problems.append(f"lost job {lost_id}: its retry {expected} is missing or not linked to it")
 
@@ -746,7 +817,9 @@ async def verify(url: str, *, killed: Mapping[str, datetime.datetime] | None = N
         elif job["start_time"] is not None and job["start_time"] > dead_at:
             problems.append(f"job {lost_id} was lost but started after its worker {job['worker']} died")
     for job in jobs:
-        if job["worker"] is not None and job["worker"] not in killed and job["state"] != "completed":
+        planned_failure = job["state"] == "failed" and _is_planned_failure(results[job["id"]])
+        survivor = job["worker"] is not None and job["worker"] not in killed
+        if survivor and job["state"] != "completed" and not planned_failure:
             problems.append(f"job {job['id']} of surviving worker {job['worker']} ended {job['state']}")
         if (
             job["state"] == "completed"
@@ -839,6 +912,10 @@ async def verify(url: str, *, killed: Mapping[str, datetime.datetime] | None = N
         "cursor_jobs_completed": sum(len(v) for v in completed_by_cursor.values()),
         "cursors": len(cursors),
         "lost": len(lost_ids),
+        "lost_resolved_by_workers": len(by_workers),
+        "lost_then_running": len(back_to_running),
+        "planned_failures_retried": len(planned),
+        "timeouts": sum(1 for i in planned if (results[i] or {}).get("exc") == "TimeoutError"),
         "retried": len(retry_of),
         "workers_killed": len(killed),
         "ledger_runs": len(ledger),
@@ -853,3 +930,15 @@ async def verify(url: str, *, killed: Mapping[str, datetime.datetime] | None = N
 def _is_lost_marker(result: Any) -> bool:
     """The result :func:`resolve_lost` gives the lost jobs it fails."""
     return isinstance(result, dict) and result.get("chaos") == "lost"
+
+
+def _is_lost_job_error(result: Any) -> bool:
+    """The result of a lost job a worker resolved (it had a retry policy)."""
+    return isinstance(result, dict) and result.get("exc") == "LostJobError"
+
+
+def _is_planned_failure(result: Any) -> bool:
+    """The first run of a job the producer made fail (``fail_first``) or run past its timeout."""
+    if not isinstance(result, dict):
+        return False
+    return result.get("exc") == "TimeoutError" or "planned failure" in str(result.get("message"))

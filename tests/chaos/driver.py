@@ -7,7 +7,9 @@ once the worker listens; logs go to stderr.
 Every job (args ``{"ms": <int>, ...}``) writes a ledger row when it starts and stamps it when it ends, over
 a connection of its own (not the job's transaction, so a killed run leaves its trace), sleeps ``ms``
 milliseconds in between, and, on a cursor, increments the cursor's counter ``n`` and sets ``last_job``.
-Its result says which worker ran it and which counter value it saw.
+Its result says which worker ran it and which counter value it saw. On its first run, a job with
+``fail_first`` raises instead, and one with ``slow_first`` sleeps past its timeout. Lost jobs with a retry
+policy are resolved by the workers after ``--lost-grace`` seconds.
 
 Connections carry an ``application_name`` a test can select: ``chaos-pool <name>`` for the engine's pool,
 ``chaos-ledger <name>`` for the ledger, and aiomq's own ``aiomq worker <name>`` for the listener.
@@ -116,14 +118,22 @@ class ChaosHandler:
             self.name,
             seen,
         )
-        await asyncio.sleep(int(job.args.get("ms", 0)) / 1000)
-        if job.cursor is not None:
-            assert seen is not None
-            job.cursor["n"] = seen + 1
-            job.cursor["last_job"] = job.id
-        await self.ledger.execute(
-            "UPDATE chaos_ledger SET ended = clock_timestamp() WHERE run_id = $1", run_id
-        )
+        try:
+            first = job.attempt == 1
+            # A first run past its 50 ms timeout: cancelled by the worker, failed, retried.
+            await asyncio.sleep(
+                (500 if first and job.args.get("slow_first") else int(job.args.get("ms", 0))) / 1000
+            )
+            if first and job.args.get("fail_first"):
+                raise RuntimeError(f"planned failure of job {job.id}")
+            if job.cursor is not None:
+                assert seen is not None
+                job.cursor["n"] = seen + 1
+                job.cursor["last_job"] = job.id
+        finally:  # also when the run failed or its timeout cancelled it: the run is over
+            await self.ledger.execute(
+                "UPDATE chaos_ledger SET ended = clock_timestamp() WHERE run_id = $1", run_id
+            )
         return {"worker": self.name, "seen": seen}
 
 
@@ -136,6 +146,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=2.0, help="aiomq maintenance period (seconds)")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--pool-size", type=int, default=5)
+    parser.add_argument(
+        "--lost-grace", type=float, default=10.0, help="seconds before lost jobs with a retry policy resolve"
+    )
     parser.add_argument(
         "--retry-intervals",
         default="0.1,0.25,0.5,1,2",
@@ -167,6 +180,7 @@ async def main(argv: Sequence[str]) -> int:
         timeout=args.timeout,
         retry_intervals=tuple(float(x) for x in args.retry_intervals.split(",")),
         name=args.name,
+        lost_grace=args.lost_grace,
     )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

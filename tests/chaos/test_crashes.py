@@ -109,7 +109,8 @@ async def test_sigkilled_workers_lose_no_job_and_never_overlap_a_cursor(
     assert verdict.problems == [], "\n".join(verdict.problems[:50])
     assert kills >= int(10 * SCALE)
     assert verdict.figures["lost"] > 0, "no kill caught a job in flight: the run proved nothing"
-    assert len(resolved) == verdict.figures["lost"]
+    assert len(resolved) + verdict.figures["lost_resolved_by_workers"] == verdict.figures["lost"]
+    assert verdict.figures["lost_then_running"] == 0
 
 
 async def _drained(url: str) -> bool:
