@@ -119,6 +119,8 @@ CREATE TRIGGER chaos_lost_then_running AFTER UPDATE OF state ON mq_job
 
 #: The retry policy of the jobs that carry one: workers retry their failures and resolve them when lost.
 CHAOS_RETRY = Retry(max_attempts=3, backoff=0.1, factor=2)
+#: The timeout of the jobs whose first run sleeps past it (``slow_first``: 1 s).
+CHAOS_TIMEOUT = 0.3
 
 #: Server settings of the test-owned cluster. ``fsync`` and ``full_page_writes`` only matter when the
 #: *machine* crashes, so they stay off for speed; ``synchronous_commit`` stays on: an immediate shutdown is
@@ -512,8 +514,8 @@ class Producer:
     ``cursor_share`` of the jobs go to one of ``cursors`` cursors (a random one of the two queues),
     ``collapse_share`` of those with ``collapse_on_cursor=True``; ``long_share`` of the jobs run for
     150-400 ms, the rest for ``0..max_ms`` ms. ``retry_share`` of the jobs carry :data:`CHAOS_RETRY`; of
-    those, ``fail_share`` fail their first run (the handler raises) and ``timeout_share`` run past a
-    50 ms timeout on their first run: their retries run normally. Errors (the database being down) are
+    those, ``fail_share`` fail their first run (the handler raises) and ``timeout_share`` run past
+    :data:`CHAOS_TIMEOUT` on their first run: their retries run normally. Errors (the database being down) are
     counted and retried on the next tick; a batch whose commit failed may or may not exist, which
     :func:`verify` does not mind: it checks every job the database has.
     """
@@ -565,8 +567,9 @@ class Producer:
             if draw < self.fail_share:
                 spec["args"]["fail_first"] = True
             elif draw < self.fail_share + self.timeout_share:
-                spec["args"]["slow_first"] = True
-                spec["timeout"] = 0.05
+                # The timeout is copied to the retries, which must finish well within it.
+                spec["args"].update(slow_first=True, ms=rng.randint(0, 10))
+                spec["timeout"] = CHAOS_TIMEOUT
         return spec
 
     async def enqueue(self, specs: Sequence[Mapping[str, Any]]) -> list[int]:
