@@ -109,21 +109,25 @@ class ChaosHandler:
     async def execute_job(self, job: JobContext) -> dict[str, Any]:
         run_id = uuid.uuid4()
         seen = None if job.cursor is None else int(job.cursor.get("n", 0))
-        await self.ledger.execute(
-            "INSERT INTO chaos_ledger (run_id, job_id, cursor_key, worker, seen) VALUES ($1, $2, $3, $4, $5) "
-            "ON CONFLICT (run_id) DO NOTHING",
-            run_id,
-            job.id,
-            job.cursor_key,
-            self.name,
-            seen,
+        # Shielded: a timeout must not cut the row's INSERT short after the server ran it, which would
+        # leave a run without its end.
+        started = asyncio.ensure_future(
+            self.ledger.execute(
+                "INSERT INTO chaos_ledger (run_id, job_id, cursor_key, worker, seen) "
+                "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (run_id) DO NOTHING",
+                run_id,
+                job.id,
+                job.cursor_key,
+                self.name,
+                seen,
+            )
         )
         try:
+            await asyncio.shield(started)
             first = job.attempt == 1
-            # A first run past its 50 ms timeout: cancelled by the worker, failed, retried.
-            await asyncio.sleep(
-                (500 if first and job.args.get("slow_first") else int(job.args.get("ms", 0))) / 1000
-            )
+            # A first run past its timeout: cancelled by the worker, failed, retried.
+            ms = 1000 if first and job.args.get("slow_first") else int(job.args.get("ms", 0))
+            await asyncio.sleep(ms / 1000)
             if first and job.args.get("fail_first"):
                 raise RuntimeError(f"planned failure of job {job.id}")
             if job.cursor is not None:
@@ -131,6 +135,7 @@ class ChaosHandler:
                 job.cursor["n"] = seen + 1
                 job.cursor["last_job"] = job.id
         finally:  # also when the run failed or its timeout cancelled it: the run is over
+            await started
             await self.ledger.execute(
                 "UPDATE chaos_ledger SET ended = clock_timestamp() WHERE run_id = $1", run_id
             )
