@@ -5,10 +5,11 @@
 ``impl`` is ``aiomq`` (one ``AsyncMQWorker`` with default concurrency, ``timeout=60``, timed over
 ``run_until_idle()``), ``raw1`` (``baseline.drain_one_by_one``) or ``raw100`` (``baseline.drain_batched``).
 ``queues`` maps each queue to ``async`` or ``sync`` (a plain function: a thread in aiomq,
-``asyncio.to_thread`` in the baselines). ``rss_at`` lists handled-job counts at which to sample the RSS,
-``mark_at`` counts at which to note the time; after ``time_limit`` seconds the drain stops (aiomq
-gracefully) and ``capped`` is true. The clock starts before the first connection. Prints one JSON line:
-seconds, jobs handled, times, RSS figures.
+``asyncio.to_thread`` in the baselines), or, for aiomq with ``retry`` (a number of runs), ``fail_once``
+(raises on a job's first run, so each job runs twice). ``rss_at`` lists handled-job counts at which to
+sample the RSS, ``mark_at`` counts at which to note the time; after ``time_limit`` seconds the drain
+stops (aiomq gracefully) and ``capped`` is true. The clock starts before the first connection. Prints one
+JSON line: seconds, jobs handled, times, RSS figures.
 """
 
 from __future__ import annotations
@@ -51,11 +52,18 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
     def sync_noop(job: Any) -> None:
         note()
 
+    async def fail_once(job: Any) -> None:
+        note()
+        if job.attempt == 1:
+            raise RuntimeError("the first run fails")
+
     def pick(kind: str) -> tuple[Any, bool]:
         if kind == "async":
             return async_noop, True
         if kind == "sync":
             return sync_noop, False
+        if kind == "fail_once":  # aiomq only: the worker's retry policy runs it again
+            return fail_once, True
         raise ValueError(f"unknown handler kind {kind!r}")
 
     handlers = {queue: pick(kind) for queue, kind in spec["queues"].items()}
@@ -63,7 +71,7 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
         # Imported here, so the baselines' processes hold neither SQLAlchemy nor aiomq.
         from sqlalchemy.ext.asyncio import create_async_engine
 
-        from aiomq import AsyncMQWorker
+        from aiomq import AsyncMQWorker, Retry
 
         from .common import make_model
 
@@ -71,7 +79,10 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
         engine = create_async_engine(url)
         queues = {queue: fn for queue, (fn, _) in handlers.items()}  # aiomq tells async from sync
         concurrency = int(spec.get("concurrency", 10))  # aiomq's default unless the spec says
-        worker = AsyncMQWorker(engine=engine, queues=queues, model=model, timeout=60, concurrency=concurrency)
+        retry = Retry(max_attempts=int(spec["retry"]), backoff=0) if spec.get("retry") else None
+        worker = AsyncMQWorker(
+            engine=engine, queues=queues, model=model, timeout=60, concurrency=concurrency, retry=retry
+        )
         rss_start = rss_kib()
         start = time.perf_counter()
         task = asyncio.create_task(worker.run_until_idle())

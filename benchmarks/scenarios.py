@@ -289,6 +289,7 @@ async def drain(
     rss_at: Sequence[int] = (),
     mark_at: Sequence[int] = (),
     time_limit: float | None = None,
+    retry: int | None = None,
 ) -> dict[str, Any]:
     """Pre-load ``count`` jobs on a fresh database, drain them with ``impl`` in a subprocess, check.
 
@@ -305,13 +306,16 @@ async def drain(
         "rss_at": list(rss_at),
         "mark_at": list(mark_at),
         "time_limit": time_limit,
+        **({"retry": retry} if retry else {}),
     }
     async with fresh_database(ctx.server) as url:
         await preload(url, count, queues=list(queues), cursor_keys=cursor_keys)
         result = await run_drain_process({**spec, "url": url})
         states = await count_states(url)
     handled = result["handled"]
-    if not result["capped"] and (states.get("completed") != count or handled != count):
+    runs_each = 2 if retry else 1  # fail_once: every job fails once, then its retry completes
+    expected = {"completed": count, **({"failed": count} if retry else {})}
+    if not result["capped"] and (states != expected or handled != runs_each * count):
         raise RuntimeError(f"{name} drain of {count} jobs ended with {states}, {handled} handled")
     result["jobs"] = count
     result["states"] = states
@@ -413,6 +417,37 @@ async def mixed_drain(ctx: Context) -> Scenario:
             *_vs_plain(ctx, "5 sync/async drain", metric, rate),
         ],
     )
+
+
+async def retry_drain(ctx: Context) -> Scenario:
+    """Jobs that fail once and complete on their retry (a worker policy, no backoff): each costs a failure
+    recorded with its retry in one transaction, and a second run."""
+    n = ctx.sizes.drain
+    runs = await _drains(ctx, ["aiomq"], n, queues={QUEUE: "fail_once"}, retry=2)
+    rate = _rate(runs["aiomq"])  # jobs that completed (on their second run) per second
+    metric = f"{n:,} jobs failing once, then retried"
+    return Scenario(
+        "retry_drain",
+        f"drain {n:,} jobs whose first run fails, with AsyncMQWorker(retry=Retry(max_attempts=2, backoff=0))",
+        {"jobs": n, "runs": ctx.sizes.drain_runs},
+        runs,
+        [
+            *_vs_plain(ctx, "9 retry drain", metric, rate),
+            Row(
+                "9 retry drain",
+                f"{metric}: handler runs",
+                "runs/s",
+                2 * rate,
+                "aiomq plain drain (3)",
+                _plain(ctx),
+            ),
+        ],
+    )
+
+
+def _plain(ctx: Context) -> float | None:
+    plain = ctx.results.get("drain")
+    return None if plain is None else plain.rows[0].aiomq
 
 
 async def backlog(ctx: Context) -> Scenario:
@@ -580,4 +615,5 @@ SCENARIOS: dict[str, tuple[int, Callable[[Context], Awaitable[Scenario]], tuple[
     "backlog": (6, backlog, ()),
     "wakeup_latency": (7, wakeup, ()),
     "memory": (8, memory, ("drain", "backlog")),
+    "retry_drain": (9, retry_drain, ("drain",)),
 }
