@@ -100,19 +100,17 @@ class Executor:
         """Run ``handler`` on ``job`` within ``timeout`` seconds. Cancellation (``stop(timeout)``, an
         abort) propagates; anything else is an outcome: ``FailedJobError`` fails the job with its result,
         other errors (a timeout among them) with an error result, and a retry policy may apply."""
-        outcome = await self._execute(handler, job, timeout)
-        if job.abort_requested and outcome.state != self._states.CANCELED:
-            return self.aborted(job)  # a sync handler returned (or anything raised) after the request
-        return outcome
-
-    async def _execute(self, handler: Handler, job: JobContext, timeout: float | None) -> Outcome:
         states = self._states
         try:
-            if handler.is_async:
+            if handler.is_async and timeout is None and not self._middleware:
+                result = await handler.fn(job)  # the common case, without a coroutine in between
+            elif handler.is_async:
                 result = await self._run_async(handler, job, timeout)
             else:
                 result = await self._run_sync(handler, job, timeout)
         except FailedJobError as ex:
+            if job.abort_requested:
+                return self.aborted(job)
             log.info("job %s failed on purpose (update_cursor=%s)", job.id, ex.update_cursor)
             return Outcome(states.FAILED, ex.result, ex.update_cursor)
         except _Overdue as ex:
@@ -120,8 +118,12 @@ class Executor:
         except Exception as ex:
             if isinstance(ex, TimeoutError) and ex.args and ex.args[0] is _DEADLINE:
                 return self._timed_out(job, timeout, ex.__traceback__)
+            if job.abort_requested:
+                return self.aborted(job)
             log.exception("error while handling job=%s", job.id)
             return Outcome(states.FAILED, self._result_from_error(ex), False, retryable=True)
+        if job.abort_requested:  # a sync handler returned (or a handler swallowed the cancel) after it
+            return self.aborted(job)
         return Outcome(states.COMPLETED, result, True)
 
     def aborted(self, job: JobContext) -> Outcome:

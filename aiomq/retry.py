@@ -120,6 +120,8 @@ def as_timeout(value: float | datetime.timedelta | None, what: str = "timeout") 
 
 def attempt_of(trace: Any) -> int:
     """The run number a trace records (1 when absent or not a positive integer)."""
+    if trace is None:  # most jobs: no trace at all
+        return 1
     value = trace.get(ATTEMPT_KEY) if isinstance(trace, Mapping) else None
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else 1
 
@@ -131,6 +133,8 @@ def retry_of(trace: Any) -> Retry | None:
 
 def timeout_of(trace: Any) -> float | None:
     """The timeout a job's trace carries, in seconds, if any (an invalid one is ignored)."""
+    if trace is None:
+        return None
     value = trace.get(TIMEOUT_KEY) if isinstance(trace, Mapping) else None
     try:
         return as_timeout(value)

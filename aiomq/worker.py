@@ -425,9 +425,10 @@ class AsyncMQWorker:
                 raise
             outcome = self._executor.aborted(job)
         self._in_handler.pop(job.id, None)
-        task = asyncio.current_task()
-        if job.abort_requested and task is not None and task.cancelling():  # the handler swallowed it
-            task.uncancel()
+        if job.abort_requested:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # the handler swallowed the abort's cancel
+                task.uncancel()
         self._in_slot.discard(job.id)  # the next claim need not wait for this outcome to be recorded
         self._wake()
         try:
