@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from . import channels
 from .records import QueuedJob, check_queue_name, to_naive_utc, utcnow
-from .retry import RETRY_KEY, TIMEOUT_KEY, Retry, as_retry, as_timeout
+from .retry import RETRIED_BY_KEY, RETRY_KEY, TIMEOUT_KEY, Retry, as_retry, as_timeout
 from .serialize import MAX_KEY_BYTES, check_text, dump_json
 from .sql import Statements
 
@@ -249,6 +249,7 @@ def retry_call(job: Any, now: datetime.datetime) -> Call:
     """A new job like ``job`` (an ORM row, any state) at its original scheduled time, as ``retry_job``
     makes it: not collapsible, its trace pointing back (``mq_source_job_id``)."""
     trace = copy.deepcopy(job.trace) if isinstance(job.trace, dict) else {}
+    trace.pop(RETRIED_BY_KEY, None)  # the original's own retry is not this job's
     trace["mq_source_job_id"] = job.id
     return Call(
         queue=job.queue,

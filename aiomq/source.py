@@ -360,4 +360,8 @@ class AsyncMQSource(Registry):
                 or not isinstance(retried_by, int)
             ):
                 return info
+            retry = await self._job_info(retried_by)
+            trace = retry.trace if retry is not None and isinstance(retry.trace, dict) else {}
+            if trace.get("mq_source_job_id") != job_id:  # not this job's retry: a stale key, copied
+                return info
             job_id = retried_by

@@ -401,3 +401,25 @@ async def test_a_middleware_that_raises_fails_the_job(
     await make_worker({"q": handler}, middleware=[guard]).run_until_idle()
     assert (await fetch_job(db, bad.id))["result"]["exc"] == "PermissionError"
     assert ran == [good.id]
+
+
+async def test_retry_job_of_a_retried_job_does_not_copy_its_retry_pointer(
+    source: AsyncMQSource, make_worker: MakeWorker, db: Any, clock: Clock
+) -> None:
+    first = await source.call("q", "m", retry=Retry(max_attempts=2, backoff=60), now=clock.now)
+    await make_worker({"q": FailTimes(9)}, clock=clock).run_until_idle()
+    failed = await fetch_job(db, first.id)
+    assert "aiomq_retried_by" in failed["trace"]
+    manual = await source.retry_job(first.id, now=clock.now)
+    trace = (await fetch_job(db, manual.id))["trace"]
+    assert "aiomq_retried_by" not in trace
+    assert trace["mq_source_job_id"] == first.id
+    # A stale pointer (psycopg2_mq's retry_job copies the trace whole) is not followed.
+    await db.execute(
+        "UPDATE mq_job SET state = 'failed', "
+        "trace = trace || jsonb_build_object('aiomq_retried_by', $2::bigint) WHERE id = $1",
+        manual.id,
+        failed["trace"]["aiomq_retried_by"],
+    )
+    info = await source.wait_for_job(manual.id, timeout=5, follow_retries=True)
+    assert info.id == manual.id

@@ -12,6 +12,13 @@ naive or an aware datetime, a plain or a coroutine ``conflict_resolver``), ``can
 ``fail_lost_job``, a worker run whose handlers succeed, raise, or raise
 ``FailedJobError(update_cursor=True)`` (chosen per method), a crash (a job claimed by a worker that dies:
 its next maintenance marks it lost), and moving the clock.
+
+Retries (DESIGN §7.1): the worker retries the jobs of queue ``pb`` that raise (``RETRY``: two runs, five
+seconds apart), so a failure there is recorded with a new pending job on the same cursor, its trace
+pointing back (``mq_source_job_id``, ``aiomq_attempt``) and the failed job's pointing forward
+(``aiomq_retried_by``). ``FailedJobError`` is never retried, and a retry that fails again has no run left.
+The retry's id comes from the database (ids are not predictable: a collapsing insert consumes one too);
+everything else about it is the model's.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ from hypothesis.stateful import (
 )
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from aiomq import AsyncMQSource, AsyncMQWorker, FailedJobError, JobContext, QueuedJob
+from aiomq import AsyncMQSource, AsyncMQWorker, FailedJobError, JobContext, QueuedJob, Retry
 
 from .conftest import METADATA, MODEL, asyncpg_url
 
@@ -57,6 +64,8 @@ CURSOR_DRAWS = (None, "c1", "c1", "c1", "c2", "c2")
 MODES = ("ok", "raise", "fail_update")
 LOCK_KEY = 1250360252
 GHOST_LOCK_ID = 7  # an advisory lock nobody holds: a job running under it belongs to a dead worker
+RETRY_QUEUE = "pb"
+RETRY = Retry(max_attempts=2, backoff=5)
 
 SETTINGS = settings(
     max_examples=int(os.environ.get("AIOMQ_PROPERTY_EXAMPLES", "20")),
@@ -164,9 +173,10 @@ class QueueModel:
                 firsts.append(job)
         return firsts
 
-    def work(self, modes: dict[str, str]) -> None:
+    def work(self, modes: dict[str, str], retried_by: dict[int, int]) -> None:
         """run_until_idle: maintenance marks dead workers' jobs lost, then every due job on a free cursor
-        runs, in due order within each cursor."""
+        runs, in due order within each cursor. ``retried_by``: the database's ids of the retries of the
+        jobs that failed (a retry is due ``RETRY.backoff`` later, so none runs in the same pass)."""
         for job in self.jobs.values():
             if job.state == "running":
                 job.state = "lost"
@@ -175,6 +185,30 @@ class QueueModel:
             if job.state != "pending" or job.scheduled_time > self.now or job.cursor_key in busy:
                 continue
             self.run(job, modes[job.method])
+            if job.state == "failed" and isinstance(job.result, Raised):
+                self.maybe_retry(job, retried_by)
+
+    def maybe_retry(self, job: MJob, retried_by: dict[int, int]) -> None:
+        attempt = (job.trace or {}).get("aiomq_attempt", 1) if isinstance(job.trace, dict) else 1
+        if job.queue != RETRY_QUEUE or not RETRY.runs_left(attempt):
+            assert job.id not in retried_by, f"job {job.id} was retried without a run left"
+            return
+        assert job.id in retried_by, f"job {job.id} failed with a run left but was not retried"
+        retry_id = retried_by[job.id]
+        trace = dict(job.trace) if isinstance(job.trace, dict) else {}
+        job.trace = {**trace, "aiomq_retried_by": retry_id}
+        trace.pop("aiomq_retried_by", None)  # a retry_job copy of a retried job carries its original's
+        self.jobs[retry_id] = MJob(
+            id=retry_id,
+            queue=job.queue,
+            method=job.method,
+            cursor_key=job.cursor_key,
+            collapsible=False,
+            scheduled_time=self.now + datetime.timedelta(seconds=RETRY.wait(attempt)),
+            created_time=self.now,
+            args=copy.deepcopy(job.args),
+            trace={**trace, "mq_source_job_id": job.id, "aiomq_attempt": attempt + 1},
+        )
 
     def run(self, job: MJob, mode: str) -> None:
         seen = None
@@ -231,6 +265,8 @@ def machine_for(database: str) -> type[RuleBasedStateMachine]:
                 clock=lambda: self.model.now,
                 timeout=3600,
                 retry_intervals=(0.05, 0.1),
+                retry={RETRY_QUEUE: RETRY},
+                lost_grace=10**9,  # the model leaves lost jobs to a person (tests/test_abort_and_lost.py)
             )
             self.run(self._empty_tables)
 
@@ -381,6 +417,7 @@ def machine_for(database: str) -> type[RuleBasedStateMachine]:
             assert queued.created, queued
             assert queued.id not in self.model.jobs, queued
             trace = copy.deepcopy(original.trace) if isinstance(original.trace, dict) else {}
+            trace.pop("aiomq_retried_by", None)  # the original's retry is not this job's
             self.model.jobs[queued.id] = MJob(
                 id=queued.id,
                 queue=original.queue,
@@ -408,7 +445,7 @@ def machine_for(database: str) -> type[RuleBasedStateMachine]:
         def work(self, modes: dict[str, str]) -> None:
             self.modes = modes
             self.run(self.worker.run_until_idle)
-            self.model.work(modes)
+            self.model.work(modes, self.run(self._retried_by))
             assert self.overlaps == [], self.overlaps
 
         @precondition(lambda self: any(j.state == "lost" for j in self.model.jobs.values()))
@@ -489,6 +526,20 @@ def machine_for(database: str) -> type[RuleBasedStateMachine]:
                 else:
                     assert row.result == want.result, f"job {job_id}: result {row.result} != {want.result}"
             assert cursors == {k: (v, model.updated_by[k]) for k, v in model.cursors.items()}
+
+        async def _retried_by(self) -> dict[int, int]:
+            """The database's retries of the jobs the model does not know to be failed yet."""
+            job = MODEL.Job.__table__
+            async with self.engine.connect() as conn:
+                rows = (
+                    await conn.execute(sa.select(job.c.id, job.c.trace).where(job.c.state == "failed"))
+                ).all()
+            known = {i for i, j in self.model.jobs.items() if j.state == "failed"}
+            return {
+                r.id: r.trace["aiomq_retried_by"]
+                for r in rows
+                if r.id not in known and isinstance(r.trace, dict) and "aiomq_retried_by" in r.trace
+            }
 
         async def _snapshot(self) -> tuple[dict[int, Any], dict[str, tuple[Any, int]]]:
             job = MODEL.Job.__table__

@@ -199,9 +199,14 @@ class OutcomeStatements:
         )
         failed = job.alias("failed")
         source_key = sa.literal(SOURCE_KEY, sa.Text)
-        trace = _as_object(failed.c.trace).op("||")(
-            sa.func.jsonb_build_object(
-                source_key, failed.c.id, sa.literal(ATTEMPT_KEY, sa.Text), wanted.c.attempt
+        # The failed job's own aiomq_retried_by (copied from its original by retry_job) is not the retry's.
+        trace = (
+            _as_object(failed.c.trace)
+            .op("-")(sa.literal(RETRIED_BY_KEY, sa.Text))
+            .op("||")(
+                sa.func.jsonb_build_object(
+                    source_key, failed.c.id, sa.literal(ATTEMPT_KEY, sa.Text), wanted.c.attempt
+                )
             )
         )
         inserted = (
