@@ -419,7 +419,8 @@ class AsyncMQWorker:
         except asyncio.CancelledError:
             self._in_handler.pop(job.id, None)
             task = asyncio.current_task()
-            if not job.abort_requested or task is None or task.uncancel() > 0:  # stop(timeout)
+            aborted = job.abort_requested and handler.is_async  # a sync job's cancel is always stop's
+            if not aborted or task is None or task.uncancel() > 0:  # stop(timeout)
                 await asyncio.shield(self._recorder.abandon(job, sync=not handler.is_async))
                 self._forget(job.id)
                 raise
