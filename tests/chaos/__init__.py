@@ -796,11 +796,23 @@ async def verify(
         return job_id
 
     completed_per_root = collections.Counter(root(r["id"]) for r in jobs if r["state"] == "completed")
+
+    def out_of_runs(job_id: int) -> bool:
+        """A failure on the policy's last attempt, with no retry: the chain ends failed (DESIGN §7.1)."""
+        found = traces[job_id]
+        trace: dict[str, Any] = found if isinstance(found, dict) else {}
+        return (
+            by_id[job_id]["state"] == "failed"
+            and trace.get("aiomq_attempt", 1) >= CHAOS_RETRY.max_attempts
+            and "aiomq_retried_by" not in trace
+        )
+
+    exhausted = {root(r["id"]) for r in jobs if out_of_runs(r["id"])}
     for job in jobs:
         if job["id"] in retry_of:
             continue
         count = completed_per_root.get(job["id"], 0)
-        if count != 1:
+        if count != 1 and not (count == 0 and job["id"] in exhausted):
             problems.append(f"job {job['id']} and its retries completed {count} times, not once")
     for lost_id in lost_ids:
         result = results[lost_id]
@@ -916,6 +928,7 @@ async def verify(
         "cursors": len(cursors),
         "lost": len(lost_ids),
         "lost_resolved_by_workers": len(by_workers),
+        "chains_failed_after_last_attempt": len(exhausted),
         "lost_then_running": len(back_to_running),
         "planned_failures_retried": len(planned),
         "timeouts": sum(1 for i in planned if (results[i] or {}).get("exc") == "TimeoutError"),
