@@ -17,19 +17,10 @@ from aiomq import AsyncMQSource, AsyncMQWorker, JobContext, Retry
 from aiomq.maintenance import marking_window
 
 from .conftest import Clock, asyncpg_url
+from .dbhelpers import fetch_job
 
 MakeWorker = Callable[..., AsyncMQWorker]
 SEC = datetime.timedelta(seconds=1)
-
-
-async def fetch_job(db: Any, job_id: int) -> dict[str, Any]:
-    row = await db.fetchrow("SELECT * FROM mq_job WHERE id = $1", job_id)
-    assert row is not None, f"no job {job_id}"
-    out = dict(row)
-    for column in ("args", "result", "cursor_snapshot", "trace"):
-        if out[column] is not None:
-            out[column] = json.loads(out[column])
-    return out
 
 
 async def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 5) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import json
 import threading
 import time
 from collections.abc import Callable
@@ -15,19 +14,10 @@ import pytest
 from aiomq import AsyncMQSource, AsyncMQWorker, FailedJobError, JobContext, Retry
 
 from .conftest import Clock
+from .dbhelpers import fetch_job
 
 MakeWorker = Callable[..., AsyncMQWorker]
 SEC = datetime.timedelta(seconds=1)
-
-
-async def fetch_job(db: Any, job_id: int) -> dict[str, Any]:
-    row = await db.fetchrow("SELECT * FROM mq_job WHERE id = $1", job_id)
-    assert row is not None, f"no job {job_id}"
-    out = dict(row)
-    for column in ("args", "result", "cursor_snapshot", "trace"):
-        if out[column] is not None:
-            out[column] = json.loads(out[column])
-    return out
 
 
 async def jobs_by_id(db: Any) -> list[dict[str, Any]]:

@@ -25,6 +25,7 @@ from aiomq.model import Model
 from aiomq.testing import hook_listener_statements
 
 from .conftest import Clock
+from .dbhelpers import fetch_job
 
 MakeWorker = Callable[..., AsyncMQWorker]
 LOCK_KEY = 1250360252
@@ -33,21 +34,6 @@ FINISHED_CHANNEL = "mq.job_finished"
 
 
 # ------------------------------------------------------------------------------------------ helpers
-
-
-async def fetch_job(db: Any, job_id: int) -> dict[str, Any]:
-    """The job row, JSON columns decoded, plus whether ``result``/``cursor_snapshot`` are SQL NULL."""
-    row = await db.fetchrow(
-        "SELECT *, result IS NULL AS result_is_sql_null, cursor_snapshot IS NULL AS snapshot_is_sql_null "
-        "FROM mq_job WHERE id = $1",
-        job_id,
-    )
-    assert row is not None, f"no job {job_id}"
-    out = dict(row)
-    for column in ("args", "result", "cursor_snapshot", "trace"):
-        if out[column] is not None:
-            out[column] = json.loads(out[column])
-    return out
 
 
 async def fetch_cursor(db: Any, key: str) -> tuple[Any, int | None] | None:
