@@ -6,7 +6,6 @@ after its connection was replaced. The home of pruning too."""
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
@@ -18,6 +17,7 @@ from .events import Announcer, iso
 from .outcomes import schedule_retries
 from .retry import Policies, attempt_of
 from .scheduler import Scheduler
+from .serialize import dump_json
 from .sql import Statements
 
 __all__ = ["Maintenance", "lost_job_result", "marking_window"]
@@ -173,7 +173,7 @@ class Maintenance:
             changed = {
                 "job_id": row.id,
                 "state": state,
-                "result_json": None if result is None else json.dumps(result),
+                "result_json": None if result is None else dump_json(result, "lost job result"),
             }
             resolved = (await conn.execute(maintenance.resolve_lost, changed)).first()
             if resolved is None:

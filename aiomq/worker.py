@@ -360,8 +360,10 @@ class AsyncMQWorker:
 
     def _on_notify(self, channel: str, payload: str) -> None:
         if channel == channels.ABORT_CHANNEL:
-            with contextlib.suppress(ValueError):  # not ours to judge: aborts are re-read at maintenance
+            try:
                 self._abort([channels.parse_finished(payload).job_id])
+            except ValueError as ex:  # a missed abort costs latency only: maintenance reads the requests
+                log.warning("ignoring a malformed notification on %r: %r (%s)", channel, payload, ex)
             return
         queue = self._channels.get(channel)
         if queue is None:

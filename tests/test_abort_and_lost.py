@@ -16,7 +16,7 @@ import pytest
 from aiomq import AsyncMQSource, AsyncMQWorker, JobContext, Retry
 from aiomq.maintenance import marking_window
 
-from .conftest import Clock, asyncpg_url
+from .conftest import Clock
 from .dbhelpers import fetch_job
 
 MakeWorker = Callable[..., AsyncMQWorker]
@@ -292,7 +292,7 @@ def test_the_marking_window() -> None:
 
 
 async def test_a_worker_on_a_database_that_has_been_up_marks_dead_workers_jobs_lost_at_once(
-    source: AsyncMQSource, make_worker: MakeWorker, db: Any, database: str
+    source: AsyncMQSource, make_worker: MakeWorker, db: Any
 ) -> None:
     """Outside the window nothing changes: a dead worker's running job is marked lost at start."""
     job = await source.call("q", "m")
@@ -300,9 +300,8 @@ async def test_a_worker_on_a_database_that_has_been_up_marks_dead_workers_jobs_l
         "UPDATE mq_job SET state = 'running', lock_id = 12345, worker = 'dead' WHERE id = $1", job.id
     )
     uptime = await db.fetchval("SELECT extract(epoch FROM now() - pg_postmaster_start_time())")
-    assert asyncpg_url(database)
-    worker = make_worker({"q": lambda job: None}, retry_intervals=(0.05, 0.1))
     if uptime < 0.1:
         pytest.skip("the test server has just started")
+    worker = make_worker({"q": lambda job: None}, retry_intervals=(0.05, 0.1))
     await worker.run_until_idle()
     assert (await fetch_job(db, job.id))["state"] == "lost"
