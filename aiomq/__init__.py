@@ -7,6 +7,7 @@ from .errors import SchemaMissingError as SchemaMissingError
 from .model import JobStates as JobStates
 from .model import Model as Model
 from .model import make_default_model as make_default_model
+from .queues import QueueStats as QueueStats
 from .records import JobContext as JobContext
 from .records import JobInfo as JobInfo
 from .records import QueuedJob as QueuedJob
@@ -24,6 +25,7 @@ __all__ = [
     "JobInfo",
     "JobStates",
     "Model",
+    "QueueStats",
     "QueuedJob",
     "Retry",
     "SchemaMissingError",

@@ -21,6 +21,8 @@ from .listener import Listener
 from .maintenance import Maintenance
 from .model import Model
 from .outcomes import Record, Recorder
+from .pauses import Pauses
+from .pruning import Pruner
 from .records import JobContext
 from .retry import Policies
 from .scheduler import Scheduler
@@ -45,6 +47,7 @@ class Settings(Protocol):
     clock: Callable[[], datetime.datetime]
     mq_source_factory: Callable[..., Any]
     lost_grace: float
+    prune_after: datetime.timedelta | None
 
     def is_retryable_error(self, ex: BaseException) -> bool: ...
 
@@ -76,6 +79,8 @@ class Parts:
     recorder: Recorder
     scheduler: Scheduler
     maintenance: Maintenance
+    pauses: Pauses
+    pruner: Pruner
 
 
 def assemble(
@@ -95,10 +100,12 @@ def assemble(
         return w.mq_source_factory(dbsession=session, model=w.model)
 
     announcer = Announcer(st, source_for, w.clock)
+    pauses = Pauses(st, w.queues, w.name)
     claimer = Claimer(
         link=link,
         sql=ClaimSQL(st.claims, w.engine.dialect),
         queues=w.queues,
+        claimable=pauses.claimable,
         name=w.name,
         clock=w.clock,
         backoff=backoff,
@@ -138,8 +145,9 @@ def assemble(
         source_for=source_for,
         is_retryable=w.is_retryable_error,
     )
-    maintenance = _maintenance(w, cb, st, tx, link, scheduler, announcer, policies, backoff)
-    return Parts(st, backoff, link, tx, claimer, executor, recorder, scheduler, maintenance)
+    pruner = Pruner(engine=w.engine, st=st, prune_after=w.prune_after, clock=w.clock, stopping=cb.stopping)
+    maintenance = _maintenance(w, cb, st, tx, link, scheduler, announcer, policies, backoff, pauses, pruner)
+    return Parts(st, backoff, link, tx, claimer, executor, recorder, scheduler, maintenance, pauses, pruner)
 
 
 def _link(w: Settings, cb: Callbacks, st: Statements, backoff: Backoff, channels: Sequence[str]) -> Link:
@@ -175,6 +183,8 @@ def _maintenance(
     announcer: Announcer,
     policies: Policies,
     backoff: Backoff,
+    pauses: Pauses,
+    pruner: Pruner,
 ) -> Maintenance:
     return Maintenance(
         st=st,
@@ -185,6 +195,8 @@ def _maintenance(
         scheduler=scheduler,
         announcer=announcer,
         policies=policies,
+        pauses=pauses,
+        pruner=pruner,
         running=cb.running,
         on_abort=cb.on_abort,
         lost_grace=w.lost_grace,

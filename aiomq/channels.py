@@ -8,7 +8,8 @@ psycopg2_mq's payloads (reference §6), on the channel ``<prefix><queue>`` (``mq
 
 aiomq's own, on ``mq.job_finished`` (the dot keeps it apart from every queue channel, whose names are
 identifiers): ``{"j": <job id>, "s": "<state>"}``, sent in the transaction that finishes the job; it wakes
-``wait_for_job``.
+``wait_for_job``. On ``mq.job_abort``: ``{"j": <job id>}``, an abort request. On ``mq.queue_pause``:
+``{"q": "<queue>", "p": true | false}``, a queue paused or resumed (DESIGN §7.6).
 
 Times are whole seconds since the epoch of naive UTC datetimes, rounded down, as psycopg2_mq writes them.
 The SQL builders here write the same payloads inside statements, so a statement and Python agree.
@@ -26,7 +27,9 @@ import sqlalchemy as sa
 __all__ = [
     "ABORT_CHANNEL",
     "FINISHED_CHANNEL",
+    "PAUSE_CHANNEL",
     "FinishedNote",
+    "PauseNote",
     "QueueNote",
     "abort_payload",
     "epoch",
@@ -36,7 +39,9 @@ __all__ = [
     "job_payload",
     "job_payload_sql",
     "parse_finished",
+    "parse_pause",
     "parse_queue_note",
+    "pause_payload",
     "queue_channel",
     "queue_channel_sql",
     "schedule_payload",
@@ -46,6 +51,9 @@ __all__ = [
 FINISHED_CHANNEL = "mq.job_finished"
 #: Workers LISTEN here for abort requests: ``{"j": <job id>}`` (aiomq's own; the dot as above).
 ABORT_CHANNEL = "mq.job_abort"
+
+#: Workers LISTEN here for queues paused and resumed (aiomq's own).
+PAUSE_CHANNEL = "mq.queue_pause"
 
 _EPOCH = datetime.datetime(1970, 1, 1)
 
@@ -144,3 +152,28 @@ def parse_finished(payload: str) -> FinishedNote:
         raise ValueError("no integer 'j'")
     state = data.get("s")
     return FinishedNote(data["j"], state if isinstance(state, str) else None)
+
+
+def pause_payload(queue: str, paused: bool) -> str:
+    return json.dumps({"q": queue, "p": paused})
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PauseNote:
+    queue: str
+    paused: bool
+
+
+def parse_pause(payload: str) -> PauseNote:
+    """Parse a ``mq.queue_pause`` payload; ``ValueError`` if it is not one."""
+    try:
+        data = json.loads(payload)
+    except ValueError as ex:
+        raise ValueError(f"not JSON ({ex})") from None
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("q"), str)
+        or not isinstance(data.get("p"), bool)
+    ):
+        raise ValueError("needs a string 'q' and a boolean 'p'")
+    return PauseNote(data["q"], data["p"])

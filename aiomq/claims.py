@@ -86,6 +86,7 @@ class Claimer:
         link: Connection,
         sql: ClaimSQL,
         queues: Sequence[str],
+        claimable: Callable[[], list[str]],
         name: str,
         clock: Callable[[], datetime.datetime],
         backoff: Backoff,
@@ -98,6 +99,7 @@ class Claimer:
         self._link = link
         self._sql = sql
         self._queues = list(queues)
+        self._claimable = claimable  # the queues not paused
         self._name = name
         self._clock = clock
         self._backoff = backoff
@@ -132,7 +134,7 @@ class Claimer:
 
     def _params(self, limit: int) -> dict[str, Any]:
         return {
-            "queues": self._queues,
+            "queues": self._claimable(),
             "now": self._clock(),
             "limit": limit,
             "lock_id": self._link.lock_id,
@@ -143,6 +145,9 @@ class Claimer:
         """Claim up to ``limit`` due jobs and start them. Returns how many were started."""
         assert self._link.lock_id is not None
         params = self._params(limit)
+        if not params["queues"]:  # all paused: a resume's NOTIFY (or maintenance) wakes the worker
+            self.next_due = None
+            return 0
         rows = await self._claim_rows(params)
         if rows is None:
             return 0
@@ -232,8 +237,10 @@ class Claimer:
         value: datetime.datetime | None = None
         self._db_next_due = None
         try:
-            rows = await self._link.fetch(self._sql.next_due, {"queues": self._queues})
-            value = rows[0][0]
+            queues = self._claimable()
+            if queues:
+                rows = await self._link.fetch(self._sql.next_due, {"queues": queues})
+                value = rows[0][0]
         except Exception as ex:  # (the connection died, say): look again soon rather than never
             log.warning("reading the next due time failed (%s); looking again shortly", ex)
             value = self._clock() + datetime.timedelta(seconds=self._backoff.intervals[0])

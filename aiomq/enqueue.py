@@ -29,6 +29,7 @@ __all__ = [
     "Enqueuer",
     "as_time",
     "check_method",
+    "check_priority",
     "collapse_rule",
     "merge_ids",
     "sorted_ids",
@@ -51,6 +52,7 @@ _CALL_COLUMNS = frozenset(
         "method",
         "cursor_key",
         "collapsible",
+        "priority",
     }
 )
 #: The keyword arguments of ``call`` (and the keys of a ``call_many`` item, with queue, method, args).
@@ -67,8 +69,11 @@ CALL_ARGUMENTS = frozenset(
         "listener_ids",
         "retry",
         "timeout",
+        "priority",
     }
 )
+#: The range of ``priority`` (the column is a SMALLINT).
+PRIORITY_RANGE = (-32768, 32767)
 _ITEM_KEYS = CALL_ARGUMENTS | {"queue", "method", "args"}
 
 
@@ -89,6 +94,8 @@ class Call:
     conflict_resolver: Callable[[Any], Any] | None = None
     schedule_ids: tuple[int, ...] = ()
     listener_ids: tuple[int, ...] = ()
+    #: Higher is claimed first among a queue's due jobs (0: the column's default, left out of the INSERT).
+    priority: int = 0
 
     @property
     def linked(self) -> bool:
@@ -107,8 +114,9 @@ class Call:
 
     def params(self) -> dict[str, Any]:
         """The parameters of the enqueue statements."""
+        extra = {**self.extra, "priority": self.priority} if self.priority else self.extra
         return {
-            **self.extra,
+            **extra,
             "created_time": self.created_time,
             "scheduled_time": self.scheduled_time,
             "queue": self.queue,
@@ -149,6 +157,17 @@ def check_method(method: object) -> None:
     check_text(method, "method", max_bytes=MAX_KEY_BYTES)
 
 
+def check_priority(priority: object, job_columns: Any) -> int:
+    low, high = PRIORITY_RANGE
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise TypeError(f"priority must be an integer, got {type(priority).__name__}")
+    if not low <= priority <= high:
+        raise ValueError(f"priority must be from {low} to {high}, got {priority}")
+    if priority and "priority" not in job_columns:
+        raise ValueError("priority needs a priority column on the job table, and this model has none")
+    return priority
+
+
 def collapse_rule(collapse_on_cursor: bool | None, cursor_key: str | None) -> bool:
     """``collapse_on_cursor=None`` means True with a cursor (the seed's rule); True needs a cursor."""
     if cursor_key is not None:
@@ -179,10 +198,12 @@ def validate_call(
     listener_ids: Iterable[int] | None = None,
     retry: Retry | int | None = None,
     timeout: float | datetime.timedelta | None = None,
+    priority: int = 0,
 ) -> Call:
     """``call``'s arguments checked and encoded; ``job_columns`` is the job table's ``.c``."""
     check_queue_name(queue)
     check_method(method)
+    check_priority(priority, job_columns)
     collapse = collapse_rule(collapse_on_cursor, cursor_key)
     now = utcnow() if now is None else as_time(now, None, "now")
     when = now if when is None else as_time(when, now, "when")
@@ -211,6 +232,7 @@ def validate_call(
         conflict_resolver=conflict_resolver,
         schedule_ids=schedules,
         listener_ids=listeners,
+        priority=priority,
     )
 
 
@@ -260,6 +282,7 @@ def retry_call(job: Any, now: datetime.datetime) -> Call:
         collapsible=False,
         args_json=dump_json(job.args, "args"),
         trace_json=dump_json(trace, "trace"),
+        priority=getattr(job, "priority", 0) or 0,
     )
 
 
@@ -359,7 +382,11 @@ class Enqueuer:
                 "args": [calls[i].args_json for i in bulk],
                 "traces": [calls[i].trace_json for i in bulk],
             }
-            rows = list(await session.execute(self._st.enqueue.enqueue_many, params))
+            statement = self._st.enqueue.enqueue_many
+            if any(calls[i].priority for i in bulk):
+                params["priorities"] = [calls[i].priority for i in bulk]
+                statement = self._st.enqueue.enqueue_many_prioritized
+            rows = list(await session.execute(statement, params))
             # ids come from the sequence in insertion order, and rows are inserted in call order
             for i, row in zip(bulk, sorted(rows, key=lambda r: r.id), strict=True):
                 results[i] = queued(calls[i], row.id, row.scheduled_time, quiet=True)

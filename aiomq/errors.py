@@ -21,15 +21,23 @@ class FailedJobError(Exception):
 
 
 class SchemaMissingError(RuntimeError):
-    """The queue's tables are not in the database."""
+    """The queue's tables, or a column aiomq added to them, are not in the database."""
 
-    def __init__(self, table: str) -> None:
-        super().__init__(
-            f"table {table!r} does not exist in this database: create the queue's tables with "
-            "`await conn.run_sync(metadata.create_all)` (metadata given to make_default_model) "
-            "or `aiomq schema --create`"
-        )
+    def __init__(self, table: str, column: str | None = None) -> None:
+        if column is None:
+            message = (
+                f"table {table!r} does not exist in this database: create the queue's tables with "
+                "`await conn.run_sync(metadata.create_all)` (metadata given to make_default_model) "
+                "or `aiomq schema --create`"
+            )
+        else:
+            message = (
+                f"column {table}.{column} does not exist in this database (a psycopg2_mq or aiomq 0.1 "
+                "schema): add aiomq's columns, tables and indexes with `aiomq schema --create`"
+            )
+        super().__init__(message)
         self.table = table
+        self.column = column
 
 
 class CliError(Exception):

@@ -1,7 +1,7 @@
 """Maintenance, at start and every ``timeout``: the link's keepalive, stale ``mq_lock`` rows, jobs whose
 worker is gone (marked lost, with their event), lost jobs that resolve themselves (DESIGN §7.2), abort
 requests the worker missed, the schedule duty's ownership; and re-stamping this worker's running jobs
-after its connection was replaced. The home of pruning too."""
+after its connection was replaced; paused queues read again; and the prune duty started."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from .dberrors import Transactions
 from .events import Announcer, iso
 from .outcomes import schedule_retries
+from .pauses import Pauses
+from .pruning import Pruner
 from .retry import Policies, attempt_of
 from .scheduler import Scheduler
 from .serialize import dump_json
@@ -60,6 +62,8 @@ class Maintenance:
         scheduler: Scheduler,
         announcer: Announcer,
         policies: Policies,
+        pauses: Pauses,
+        pruner: Pruner,
         running: Callable[[], Iterable[int]],
         on_abort: Callable[[list[int]], None],
         queues: Sequence[str],
@@ -78,6 +82,8 @@ class Maintenance:
         self._scheduler = scheduler
         self._announcer = announcer
         self._policies = policies
+        self._pauses = pauses
+        self._pruner = pruner
         self._running = running
         self._on_abort = on_abort
         self._queues = list(queues)
@@ -95,13 +101,20 @@ class Maintenance:
 
     def missing_tables(self, tables: list[str]) -> None:
         """At start: aiomq's own tables the database lacks (a psycopg2_mq or aiomq 0.1 schema)."""
-        if tables:
+        model = self._st.parts.model
+        for table in tables:
+            if model.AbortRequest is not None and table == model.AbortRequest.__table__.fullname:
+                self.aborts, feature = False, "abort requests"
+            elif model.QueuePause is not None and table == model.QueuePause.__table__.fullname:
+                self._pauses.enabled, feature = False, "paused queues"
+            else:
+                continue
             log.warning(
-                "worker %s: table %s is missing, so it sees no abort requests (`aiomq schema --create`)",
+                "worker %s: table %s is missing, so it sees no %s (`aiomq schema --create` adds it)",
                 self._name,
-                ", ".join(tables),
+                table,
+                feature,
             )
-            self.aborts = False
 
     async def run(self) -> None:
         """One pass. Failures are logged; the worker goes on."""
@@ -115,6 +128,7 @@ class Maintenance:
             lost = await self._mark_lost(conn, now)
             await self._resolve_lost(conn, now)
             aborts = await self._requested_aborts(conn)
+            await self._pauses.reload(conn)  # a missed pause or resume NOTIFY costs one interval
             await self._scheduler.maintain(conn, now, self._lock_id())
             return stale, lost, aborts
 
@@ -136,6 +150,7 @@ class Maintenance:
             )
         if aborts:
             self._on_abort(aborts)
+        self._pruner.start()
 
     async def _mark_lost(self, conn: AsyncConnection, now: datetime.datetime) -> list[Any]:
         maintenance = self._st.maintenance

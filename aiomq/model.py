@@ -43,7 +43,8 @@ class Model:
     Build it with :func:`make_default_model`, or by hand with classes of your own (other table names,
     extra columns): aiomq reads table and column objects from these classes, never names. The link classes
     are optional; without them no link rows are written. ``AbortRequest`` (aiomq's own table, 0.2) is
-    optional too; without it ``abort_job`` cannot abort a running job.
+    optional too; without it ``abort_job`` cannot abort a running job; so is ``QueuePause`` (without it
+    queues cannot be paused). A job table without a ``priority`` column takes no priorities.
     """
 
     channel_prefix = "mq_"
@@ -60,6 +61,7 @@ class Model:
         JobListenerLink: type[Any] | None = None,
         JobScheduleLink: type[Any] | None = None,
         AbortRequest: type[Any] | None = None,
+        QueuePause: type[Any] | None = None,
     ) -> None:
         self.Job = Job
         self.JobStates = JobStates
@@ -70,6 +72,7 @@ class Model:
         self.JobListenerLink = JobListenerLink
         self.JobScheduleLink = JobScheduleLink
         self.AbortRequest = AbortRequest
+        self.QueuePause = QueuePause
 
     def __repr__(self) -> str:
         return f"<Model job_table={self.Job.__table__.name!r}>"
@@ -93,7 +96,7 @@ def make_default_model(metadata: sa.MetaData, JobStates: type[JobStates] = JobSt
     _job_constraints(Job.__table__, states)
     JobCursor, JobListener, JobSchedule = _declare_cursor_and_events(Base)
     JobListenerLink, JobScheduleLink, Lock = _declare_links_and_lock(Base)
-    AbortRequest = _declare_aiomq_tables(Base)
+    AbortRequest, QueuePause = _declare_aiomq_tables(Base)
     return Model(
         Job=Job,
         JobStates=states,
@@ -104,6 +107,7 @@ def make_default_model(metadata: sa.MetaData, JobStates: type[JobStates] = JobSt
         JobListenerLink=JobListenerLink,
         JobScheduleLink=JobScheduleLink,
         AbortRequest=AbortRequest,
+        QueuePause=QueuePause,
     )
 
 
@@ -127,6 +131,8 @@ def _declare_job(Base: type[DeclarativeBase], state_enum: sa.Enum) -> type[Any]:
         trace: Mapped[Any] = mapped_column(pg.JSONB, nullable=True)
         lock_id: Mapped[int | None] = mapped_column(sa.Integer)
         worker: Mapped[str | None] = mapped_column(sa.Text)
+        # aiomq's own (0.2, DESIGN §7.6): a server default, so psycopg2_mq's inserts need not know it.
+        priority: Mapped[int] = mapped_column(sa.SmallInteger, nullable=False, server_default=sa.text("0"))
 
         listener_links: Mapped[list[Any]] = relationship("JobListenerLink", back_populates="job")
         listeners: Mapped[list[Any]] = relationship(
@@ -188,6 +194,16 @@ def _job_constraints(job: sa.Table, states: type[JobStates]) -> None:
         job.c.id,
         postgresql_where=job.c.state == sa.literal_column(_quote(states.PENDING)),
     )
+    # aiomq's own: claims walk a queue's pending jobs highest priority first, then in due order.
+    sa.Index(
+        "ix_aiomq_job_pending_priority",
+        job.c.queue,
+        job.c.priority.desc(),
+        job.c.scheduled_time,
+        job.c.created_time,
+        job.c.id,
+        postgresql_where=job.c.state == sa.literal_column(_quote(states.PENDING)),
+    )
     # aiomq's own: a finish looks up the pending successors of the cursors it frees, so that lookup
     # does not read the whole pending backlog either.
     sa.Index(
@@ -209,6 +225,10 @@ def _declare_cursor_and_events(Base: type[DeclarativeBase]) -> tuple[type[Any], 
             sa.ForeignKey("mq_job.id", ondelete="set null", onupdate="cascade")
         )
         updated_job: Mapped[Any] = relationship("Job")
+
+        # aiomq's own: deleting a job (pruning) looks up the cursor it last updated, through this index
+        # rather than a scan of every cursor per deleted job.
+        __table_args__ = (sa.Index("ix_aiomq_job_cursor_updated_job", "updated_job_id"),)
 
         def __repr__(self) -> str:
             return f"<JobCursor key={self.key!r} updated_job_id={self.updated_job_id}>"
@@ -318,7 +338,7 @@ def _declare_links_and_lock(Base: type[DeclarativeBase]) -> tuple[type[Any], typ
     return JobListenerLink, JobScheduleLink, Lock
 
 
-def _declare_aiomq_tables(Base: type[DeclarativeBase]) -> type[Any]:
+def _declare_aiomq_tables(Base: type[DeclarativeBase]) -> tuple[type[Any], type[Any]]:
     """aiomq's own tables (``aiomq_*``, DESIGN §1.2): psycopg2_mq neither reads nor needs them."""
 
     class AbortRequest(Base):  # type: ignore[misc,valid-type]  # a declarative base per metadata
@@ -335,7 +355,19 @@ def _declare_aiomq_tables(Base: type[DeclarativeBase]) -> type[Any]:
         def __repr__(self) -> str:
             return f"<AbortRequest job_id={self.job_id} requested_time={self.requested_time}>"
 
-    return AbortRequest
+    class QueuePause(Base):  # type: ignore[misc,valid-type]  # a declarative base per metadata
+        """A paused queue (``AsyncMQSource.pause_queue``): aiomq workers claim none of its jobs until the
+        row is deleted (``resume_queue``). A row, so the pause outlives every worker."""
+
+        __tablename__ = "aiomq_queue_pause"
+
+        queue: Mapped[str] = mapped_column(sa.Text, primary_key=True)
+        paused_time: Mapped[datetime.datetime] = mapped_column(sa.DateTime, nullable=False)
+
+        def __repr__(self) -> str:
+            return f"<QueuePause queue={self.queue!r} paused_time={self.paused_time}>"
+
+    return AbortRequest, QueuePause
 
 
 def _quote(value: str) -> str:

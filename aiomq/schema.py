@@ -7,6 +7,7 @@ error that names a missing one (:class:`~aiomq.errors.SchemaMissingError`) go th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -21,18 +22,22 @@ from .model import Model
 
 __all__ = [
     "Created",
+    "Step",
     "check_schema",
     "create_schema",
     "describe_created",
     "model_tables",
     "schema_ddl",
     "schema_errors",
+    "upgrade_ddl",
 ]
 
 #: What create_schema made: (kind, name, table), e.g. ("index", "ix_aiomq_job_pending_due", "mq_job").
 Created = tuple[str, str, str | None]
 
 _MISSING_TABLE = re.compile(r'relation "([^"]+)" does not exist')
+_MISSING_COLUMN_OF = re.compile(r'column "([^"]+)" of relation "([^"]+)" does not exist')
+_MISSING_COLUMN = re.compile(r"column (\w+)\.(\w+) does not exist")
 
 
 def model_tables(model: Model) -> list[sa.Table]:
@@ -46,59 +51,141 @@ def model_tables(model: Model) -> list[sa.Table]:
         model.JobListenerLink,
         model.JobScheduleLink,
         model.AbortRequest,
+        model.QueuePause,
     ]
     mine = {cls.__table__ for cls in classes if cls is not None}
     return [t for t in model.Job.__table__.metadata.sorted_tables if t in mine]
 
 
+def _optional_tables(model: Model) -> set[sa.Table]:
+    """aiomq's own tables: a worker without them goes on, without their feature."""
+    return {cls.__table__ for cls in (model.AbortRequest, model.QueuePause) if cls is not None}
+
+
 async def check_schema(conn: AsyncConnection, model: Model) -> list[str]:
-    """``SchemaMissingError`` naming the first of psycopg2_mq's tables that the database lacks; the names of
-    aiomq's own tables (``aiomq_*``, 0.2 features) that it lacks are returned."""
+    """``SchemaMissingError`` naming the first of psycopg2_mq's tables, or of the model's columns on them,
+    that the database lacks; the names of aiomq's own tables (``aiomq_*``, 0.2 features) that it lacks
+    are returned."""
     preparer = conn.dialect.identifier_preparer
-    optional = {cls.__table__ for cls in (model.AbortRequest,) if cls is not None}
+    optional = _optional_tables(model)
     missing = []
     for table in model_tables(model):
         if await conn.scalar(sa.select(sa.func.to_regclass(preparer.format_table(table)))) is None:
             if table not in optional:
                 raise SchemaMissingError(table.fullname)
             missing.append(table.fullname)
+            continue
+        present = set(await conn.run_sync(_column_names, table))
+        for column in table.columns:
+            if column.name not in present:
+                raise SchemaMissingError(table.fullname, column.name)
     return missing
+
+
+def _column_names(conn: sa.Connection, table: sa.Table) -> list[str]:
+    return [c["name"] for c in sa.inspect(conn).get_columns(table.name, schema=table.schema)]
 
 
 @contextlib.contextmanager
 def schema_errors() -> Iterator[None]:
-    """A statement that failed on a missing table surfaces as ``SchemaMissingError`` naming it."""
+    """A statement that failed on a missing table or column surfaces as ``SchemaMissingError`` naming it."""
     try:
         yield
     except sa.exc.DBAPIError as ex:
-        if sqlstate(ex) == "42P01":
+        state = sqlstate(ex)
+        if state == "42P01":
             match = _MISSING_TABLE.search(str(ex))
             raise SchemaMissingError(match.group(1) if match else "mq_job") from ex
+        if state == "42703":
+            column = _missing_column(str(ex))
+            if column is not None:
+                raise SchemaMissingError(*column) from ex
         raise
+
+
+def _missing_column(message: str) -> tuple[str, str] | None:
+    """(table, column) of PostgreSQL's "column ... does not exist", in either of its two wordings."""
+    match = _MISSING_COLUMN_OF.search(message)
+    if match:
+        return match.group(2), match.group(1)
+    match = _MISSING_COLUMN.search(message)
+    return (match.group(1), match.group(2)) if match else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One statement of creating or upgrading the schema."""
+
+    kind: str  # "type", "table", "column" or "index"
+    name: str
+    table: str | None
+    ddl: sa.ExecutableDDLElement
+
+    @property
+    def created(self) -> Created:
+        return self.kind, self.name, self.table
+
+
+def _creation_steps(tables: list[sa.Table]) -> list[Step]:
+    """What ``create_all`` runs for ``tables`` on a database that has none of them (types included)."""
+    elements: list[Any] = []
+
+    def collect(statement: Any, *multiparams: Any, **params: Any) -> None:
+        elements.append(statement)
+
+    mock = sa.create_mock_engine(sa.make_url("postgresql://"), collect)
+    if tables:
+        tables[0].metadata.create_all(mock, tables=tables, checkfirst=False)
+    steps = [Step(*_describe_ddl(e), e) for e in elements]
+    # Each table's indexes come out in set order: sort them so the output is the same on every run.
+    ordered: list[Step] = []
+    indexes: list[Step] = []
+    for step in [*steps, None]:
+        if step is not None and step.kind == "index":
+            indexes.append(step)
+            continue
+        ordered += sorted(indexes, key=lambda i: i.name)
+        indexes = []
+        if step is not None:
+            ordered.append(step)
+    return ordered
+
+
+def _upgrade_steps(conn: sa.Connection, model: Model) -> list[Step]:
+    """The statements that bring the database's schema up to ``model``'s: missing tables (with their
+    types and indexes), then missing columns and indexes on the tables that exist (a psycopg2_mq or
+    aiomq 0.1 database). A missing column without a server default cannot be added behind psycopg2_mq's
+    back: that is ``SchemaMissingError``."""
+    inspector = sa.inspect(conn)
+    tables = model_tables(model)
+    present = [t for t in tables if inspector.has_table(t.name, schema=t.schema)]
+    steps = _creation_steps([t for t in tables if t not in present])
+    preparer = conn.dialect.identifier_preparer
+    for table in present:
+        columns = {c["name"] for c in inspector.get_columns(table.name, schema=table.schema)}
+        for column in table.columns:
+            if column.name in columns:
+                continue
+            if column.server_default is None and not column.nullable:
+                raise SchemaMissingError(table.fullname, column.name)
+            spec = sa.schema.CreateColumn(column).compile(dialect=conn.dialect)
+            ddl = sa.DDL(f"ALTER TABLE {preparer.format_table(table)} ADD COLUMN {spec}")  # type: ignore[no-untyped-call]
+            steps.append(Step("column", column.name, table.name, ddl))
+        indexes = {i["name"] for i in inspector.get_indexes(table.name, schema=table.schema)}
+        for index in sorted(table.indexes, key=lambda i: str(i.name)):
+            if index.name not in indexes:
+                steps.append(Step("index", str(index.name), table.name, sa.schema.CreateIndex(index)))
+    return steps
+
+
+def _sql_text(steps: Sequence[Step], dialect: Any) -> str:
+    text = "".join(f"{str(step.ddl.compile(dialect=dialect)).strip()};\n\n" for step in steps)
+    return "\n".join(line.rstrip() for line in text.splitlines()).rstrip() + "\n"
 
 
 def schema_ddl(model: Model) -> str:
     """The statements ``create_all`` runs on an empty database, compiled for PostgreSQL."""
-    statements: list[str] = []
-
-    def collect(statement: Any, *multiparams: Any, **params: Any) -> None:
-        statements.append(str(statement.compile(dialect=mock.dialect)).strip())
-
-    mock = sa.create_mock_engine(sa.make_url("postgresql://"), collect)
-    tables = model_tables(model)
-    tables[0].metadata.create_all(mock, tables=tables, checkfirst=False)
-    # Each table's indexes come out in set order: sort them so the output is the same on every run.
-    ordered: list[str] = []
-    indexes: list[str] = []
-    for statement in [*statements, ""]:
-        if re.match(r"CREATE (UNIQUE )?INDEX ", statement):
-            indexes.append(statement)
-            continue
-        ordered += sorted(indexes, key=lambda s: s.split(" ON ")[0].split()[-1])
-        indexes = []
-        ordered.append(statement)
-    text = "".join(f"{s};\n\n" for s in ordered if s)
-    return "\n".join(line.rstrip() for line in text.splitlines()).rstrip() + "\n"
+    return _sql_text(_creation_steps(model_tables(model)), pg.dialect())  # type: ignore[no-untyped-call]
 
 
 def _describe_ddl(element: Any) -> Created:
@@ -113,31 +200,26 @@ def _describe_ddl(element: Any) -> Created:
     return type(element).__name__, str(getattr(target, "name", "")), None
 
 
+async def upgrade_ddl(engine: AsyncEngine, model: Model) -> str:
+    """The statements :func:`create_schema` would run on this database now ("" if none)."""
+    async with engine.connect() as conn:
+        steps = await conn.run_sync(lambda c: _upgrade_steps(c, model))
+        return _sql_text(steps, conn.dialect) if steps else ""
+
+
 async def create_schema(engine: AsyncEngine, model: Model) -> list[Created]:
-    """Create the model's missing types, tables and indexes; return them as (kind, name, table)."""
-    tables = model_tables(model)
+    """Create the model's missing types, tables, columns and indexes; return them as (kind, name, table).
+
+    Idempotent, and safe beside running psycopg2_mq and aiomq processes: it only adds (an added column has
+    a server default), in one transaction."""
 
     def create(conn: sa.Connection) -> list[Created]:
-        created: list[Created] = []
-
-        def record(conn: sa.Connection, element: Any, *args: Any) -> None:
-            if isinstance(element, sa.schema.ExecutableDDLElement):
-                created.append(_describe_ddl(element))
-
         # Two concurrent creators would both see a table missing and one would fail: take turns.
         conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('aiomq schema --create'))"))
-        sa.event.listen(conn, "before_execute", record)
-        try:
-            existing = {t.name for t in tables if sa.inspect(conn).has_table(t.name, schema=t.schema)}
-            tables[0].metadata.create_all(conn, tables=tables, checkfirst=True)
-            # Tables made by psycopg2_mq lack aiomq's own indexes; create_all skips existing tables.
-            for table in tables:
-                if table.name in existing:
-                    for index in sorted(table.indexes, key=lambda i: str(i.name)):
-                        index.create(conn, checkfirst=True)
-        finally:
-            sa.event.remove(conn, "before_execute", record)
-        return created
+        steps = _upgrade_steps(conn, model)
+        for step in steps:
+            conn.execute(step.ddl)
+        return [step.created for step in steps]
 
     async with engine.begin() as conn:
         return await conn.run_sync(create)
@@ -154,6 +236,8 @@ def describe_created(created: Sequence[Created]) -> str:
             lines.append(f"created table {name}" + (f" ({n} index{'es' if n > 1 else ''})" if n else ""))
         elif kind == "index" and table in new_tables:
             continue
+        elif kind == "column":
+            lines.append(f"added column {table}.{name}")
         else:
             lines.append(f"created {kind} {name}" + (f" on {table}" if table else ""))
     return "\n".join(lines)

@@ -17,11 +17,11 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
-from . import channels
+from . import channels, pruning, queues
 from .enqueue import Enqueuer, retry_call, validate_call, validate_call_item
 from .events import announce, emit_to_listeners
 from .model import Model, all_states, finished_states
-from .records import JobInfo, QueuedJob, to_naive_utc, utcnow
+from .records import JobInfo, QueuedJob, check_queue_name, to_naive_utc, utcnow
 from .registry import Registry
 from .retry import RETRIED_BY_KEY, Retry
 from .schema import schema_errors
@@ -81,7 +81,7 @@ class AsyncMQSource(Registry):
             return bind
         if isinstance(bind, AsyncConnection):
             return bind.engine
-        raise ValueError("wait_for_job needs the dbsession to be bound to an AsyncEngine")
+        raise ValueError("this needs the dbsession to be bound to an AsyncEngine (wait_for_job, prune_jobs)")
 
     # ---------------------------------------------------------------- enqueue
 
@@ -102,8 +102,12 @@ class AsyncMQSource(Registry):
         listener_ids: Iterable[int] | None = None,
         retry: Retry | int | None = None,
         timeout: float | datetime.timedelta | None = None,
+        priority: int = 0,
     ) -> QueuedJob:
         """Enqueue a job, or join the pending collapsible job on its cursor (then ``created`` is False).
+
+        ``priority`` (-32768 to 32767, default 0): among a queue's due jobs, higher is claimed first, by
+        aiomq workers; a cursor's jobs keep their order whatever their priorities.
 
         ``retry`` (a :class:`~aiomq.Retry`, or an int n for ``Retry(max_attempts=n)``) and ``timeout``
         (seconds or a timedelta) go in the job's trace: they override the worker's ``retry`` and
@@ -125,6 +129,7 @@ class AsyncMQSource(Registry):
             listener_ids=listener_ids,
             retry=retry,
             timeout=timeout,
+            priority=priority,
         )
         if self._autocommit is not None and not call.linked:
             # Engine mode: a new job is one autocommit statement (INSERT and NOTIFY), one round trip.
@@ -302,6 +307,59 @@ class AsyncMQSource(Registry):
         if job is None:
             raise LookupError("cannot find job", job_id)
         return job
+
+    # ---------------------------------------------------------------- operating queues
+
+    async def pause_queue(self, queue: str, *, now: datetime.datetime | None = None) -> bool:
+        """Stop aiomq workers claiming ``queue``'s jobs (running ones finish; enqueueing goes on) until
+        :meth:`resume_queue`. Lasts across restarts. False if it was paused already."""
+        check_queue_name(queue)
+        async with self._session() as session:
+            return await queues.pause_queue(session, self._st, queue, self._now(now))
+
+    async def resume_queue(self, queue: str) -> bool:
+        """Let workers claim ``queue``'s jobs again, at once. False if it was not paused."""
+        check_queue_name(queue)
+        async with self._session() as session:
+            return await queues.resume_queue(session, self._st, queue, utcnow())
+
+    async def queue_stats(self, *, now: datetime.datetime | None = None) -> list[queues.QueueStats]:
+        """One :class:`~aiomq.QueueStats` per queue that has jobs or a pause, by name: read from the
+        pending jobs' index and the few running and lost jobs, so it stays cheap on millions of rows."""
+        async with self._session() as session:
+            return await queues.queue_stats(session, self._st, self._now(now))
+
+    async def prune_jobs(
+        self,
+        *,
+        older_than: datetime.timedelta | datetime.datetime,
+        states: Iterable[str] = pruning.DEFAULT_STATES,
+        queue: str | None = None,
+        batch_size: int = 5000,
+        dry_run: bool = False,
+        now: datetime.datetime | None = None,
+    ) -> int:
+        """Delete jobs in ``states`` (completed, failed or canceled only) whose ``end_time`` is older than
+        ``older_than`` (a timedelta before now, or a datetime); returns how many (``dry_run``: counts).
+
+        Batches of ``batch_size`` run in transactions of their own on the engine, also for a source on a
+        session: a prune is not part of the caller's transaction. Cursors, schedules and listeners stay,
+        and so does the job that last updated each cursor."""
+        with schema_errors():
+            return await pruning.prune_jobs(
+                self._bound_engine(),
+                self._st,
+                older_than=older_than,
+                states=states,
+                queue=queue,
+                batch_size=batch_size,
+                dry_run=dry_run,
+                now=None if now is None else self._now(now),
+            )
+
+    @staticmethod
+    def _now(now: datetime.datetime | None) -> datetime.datetime:
+        return utcnow() if now is None else to_naive_utc(now)
 
     # ---------------------------------------------------------------- events and waiting
 

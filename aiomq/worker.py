@@ -85,6 +85,7 @@ class AsyncMQWorker:
         lost_grace: float | datetime.timedelta = 120.0,
         job_timeout: float | datetime.timedelta | Mapping[str, float | datetime.timedelta] | None = None,
         middleware: Sequence[Middleware] = (),
+        prune_after: float | datetime.timedelta | None = None,
     ) -> None:
         if not isinstance(engine, AsyncEngine) or engine.dialect.driver != "asyncpg":
             raise ValueError(
@@ -117,6 +118,9 @@ class AsyncMQWorker:
         if not self.lost_grace >= 0:
             raise ValueError(f"lost_grace must be zero or more seconds, got {lost_grace!r}")
         self._middleware = check_middleware(middleware)
+        self.prune_after = None if prune_after is None else datetime.timedelta(seconds=_seconds(prune_after))
+        if self.prune_after is not None and self.prune_after <= datetime.timedelta():
+            raise ValueError(f"prune_after must be a positive duration (or None), got {prune_after!r}")
         self._init_state()
 
     def _init_state(self) -> None:
@@ -150,13 +154,14 @@ class AsyncMQWorker:
                 sleep=self._sleep,
                 stopping=lambda: self._stopping,
             ),
-            channels=[*self._channels, channels.ABORT_CHANNEL],
+            channels=[*self._channels, channels.ABORT_CHANNEL, channels.PAUSE_CHANNEL],
             policies=self._policies,
             middleware=self._middleware,
         )
         self._st, self._link, self._tx = parts.st, parts.link, parts.transactions
         self._claimer, self._executor, self._recorder = parts.claimer, parts.executor, parts.recorder
         self._scheduler, self._maintenance = parts.scheduler, parts.maintenance
+        self._pauses, self._pruner = parts.pauses, parts.pruner
 
     # ---------------------------------------------------------------- public lifecycle
 
@@ -237,6 +242,7 @@ class AsyncMQWorker:
             "listener_connected": self._link.alive,
             "active_jobs": [_active(job) for job in self._jobs.values()],
             "overdue": sorted(self._executor.overdue),
+            "paused_queues": sorted(self._pauses.paused),
         }
 
     # ---------------------------------------------------------------- overridable
@@ -365,6 +371,11 @@ class AsyncMQWorker:
             except ValueError as ex:  # a missed abort costs latency only: maintenance reads the requests
                 log.warning("ignoring a malformed notification on %r: %r (%s)", channel, payload, ex)
             return
+        if channel == channels.PAUSE_CHANNEL:
+            if self._pauses.note(payload):  # resumed: its due jobs are ours to claim
+                self._claimer.next_due = self.clock()
+                self._wake()
+            return
         queue = self._channels.get(channel)
         if queue is None:
             log.warning("ignoring a notification on unknown channel %r", channel)
@@ -384,6 +395,11 @@ class AsyncMQWorker:
         """Open (or replace) the link; then anything may have been enqueued meanwhile: look."""
         await self._link.connect(first=first, prove=self._prove_same_database, recover=self._recover)
         if self._link.connected:
+            # Listening now: read the pauses, which a NOTIFY keeps current from here on.
+            try:
+                await self._tx.run("read paused queues", self._pauses.reload)
+            except Exception as ex:  # maintenance reads them again
+                log.warning("reading the paused queues failed (%s); maintenance reads them again", ex)
             self._claimer.next_due = self.clock()
 
     async def _prove_same_database(self, listener: Listener) -> None:
@@ -472,6 +488,7 @@ class AsyncMQWorker:
     async def _teardown(self) -> None:
         if self._tasks:
             await asyncio.wait(list(self._tasks.values()))
+        await self._pruner.stop()
         lock_id = self._link.lock_id
         if lock_id is not None and self._link.alive:
             await self._maintenance.release(lock_id)

@@ -1,12 +1,12 @@
 -- claims.claim
 WITH locked AS
 (SELECT candidates.id AS id, candidates.cursor_key AS cursor_key, candidates.scheduled_time AS scheduled_time, candidates.created_time AS created_time
-FROM unnest(%(queues)s::TEXT[]) AS wanted(name) JOIN LATERAL (SELECT mq_job.id AS id, mq_job.cursor_key AS cursor_key, mq_job.scheduled_time AS scheduled_time, mq_job.created_time AS created_time, mq_job.id AS id__1
+FROM unnest(%(queues)s::TEXT[]) AS wanted(name) JOIN LATERAL (SELECT mq_job.id AS id, mq_job.cursor_key AS cursor_key, mq_job.priority AS priority, mq_job.scheduled_time AS scheduled_time, mq_job.created_time AS created_time, mq_job.id AS id__1
 FROM mq_job
 WHERE mq_job.state = 'pending' AND mq_job.queue = wanted.name AND mq_job.scheduled_time <= %(now)s::TIMESTAMP WITHOUT TIME ZONE AND NOT (EXISTS (SELECT *
 FROM mq_job AS active
-WHERE active.cursor_key = mq_job.cursor_key AND active.cursor_key IS NOT NULL AND active.state IN ('running', 'lost'))) ORDER BY mq_job.scheduled_time, mq_job.created_time, mq_job.id
- LIMIT %(limit)s::INTEGER FOR UPDATE OF mq_job SKIP LOCKED) AS candidates ON true ORDER BY candidates.scheduled_time, candidates.created_time, candidates.id
+WHERE active.cursor_key = mq_job.cursor_key AND active.cursor_key IS NOT NULL AND active.state IN ('running', 'lost'))) ORDER BY mq_job.priority DESC, mq_job.scheduled_time, mq_job.created_time, mq_job.id
+ LIMIT %(limit)s::INTEGER FOR UPDATE OF mq_job SKIP LOCKED) AS candidates ON true ORDER BY candidates.priority DESC, candidates.scheduled_time, candidates.created_time, candidates.id
  LIMIT %(limit)s::INTEGER),
 picked AS
 (SELECT ranked.id AS id
@@ -41,8 +41,12 @@ INSERT INTO mq_job (state, args, trace) VALUES ('pending', CAST(%(args_json)s::V
 INSERT INTO mq_job (state, created_time, scheduled_time, queue, method, cursor_key, collapsible, args, trace) SELECT 'pending', batch.created, batch.scheduled, batch.queue, batch.method, batch.cursor_key, false AS anon_1, CAST(batch.args AS JSONB) AS args, CAST(batch.trace AS JSONB) AS trace
 FROM unnest(%(created)s::TIMESTAMP WITHOUT TIME ZONE[], %(scheduled)s::TIMESTAMP WITHOUT TIME ZONE[], %(queues)s::TEXT[], %(methods)s::TEXT[], %(cursor_keys)s::TEXT[], %(args)s::TEXT[], %(traces)s::TEXT[]) WITH ORDINALITY AS batch(created, scheduled, queue, method, cursor_key, args, trace, n) ORDER BY batch.n RETURNING mq_job.id, mq_job.scheduled_time;
 
+-- enqueue.enqueue_many_prioritized
+INSERT INTO mq_job (state, created_time, scheduled_time, queue, method, cursor_key, collapsible, args, trace, priority) SELECT 'pending', batch.created, batch.scheduled, batch.queue, batch.method, batch.cursor_key, false AS anon_1, CAST(batch.args AS JSONB) AS args, CAST(batch.trace AS JSONB) AS trace, batch.priority
+FROM unnest(%(created)s::TIMESTAMP WITHOUT TIME ZONE[], %(scheduled)s::TIMESTAMP WITHOUT TIME ZONE[], %(queues)s::TEXT[], %(methods)s::TEXT[], %(cursor_keys)s::TEXT[], %(args)s::TEXT[], %(traces)s::TEXT[], %(priorities)s::SMALLINT[]) WITH ORDINALITY AS batch(created, scheduled, queue, method, cursor_key, args, trace, priority, n) ORDER BY batch.n RETURNING mq_job.id, mq_job.scheduled_time;
+
 -- enqueue.join
-SELECT mq_job.id, mq_job.start_time, mq_job.end_time, mq_job.state, mq_job.created_time, mq_job.scheduled_time, mq_job.queue, mq_job.method, mq_job.args, mq_job.result, mq_job.cursor_key, mq_job.cursor_snapshot, mq_job.collapsible, mq_job.trace, mq_job.lock_id, mq_job.worker
+SELECT mq_job.id, mq_job.start_time, mq_job.end_time, mq_job.state, mq_job.created_time, mq_job.scheduled_time, mq_job.queue, mq_job.method, mq_job.args, mq_job.result, mq_job.cursor_key, mq_job.cursor_snapshot, mq_job.collapsible, mq_job.trace, mq_job.lock_id, mq_job.worker, mq_job.priority
 FROM mq_job
 WHERE mq_job.state = 'pending' AND mq_job.queue = %(queue)s::VARCHAR AND mq_job.method = %(method)s::VARCHAR AND mq_job.cursor_key = %(cursor_key)s::VARCHAR AND mq_job.collapsible = true
  LIMIT %(param_1)s::INTEGER FOR UPDATE;

@@ -27,7 +27,10 @@ from .pgserver import PgServer
 
 AIOMQ_EXTRA_INDEX = re.compile(r"ix_aiomq_[a-z0-9_]+")
 AIOMQ_TABLE_PREFIX = "aiomq_"
-AIOMQ_TABLES = {"aiomq_abort_request"}
+AIOMQ_TABLES = {"aiomq_abort_request", "aiomq_queue_pause"}
+#: Columns aiomq adds to psycopg2_mq's tables (DESIGN §1.2): each has a server default, so psycopg2_mq's
+#: inserts fill it without knowing it.
+AIOMQ_COLUMNS = {("mq_job", "priority")}
 
 # -------------------------------------------------------------------------------------------------- catalogs
 
@@ -174,6 +177,8 @@ def _is_aiomq_extra(category: str, row: tuple[Any, ...]) -> bool:
     with its columns, indexes and constraints: allowed only in the aiomq database."""
     if category in ("columns", "constraints") and row[0].startswith(AIOMQ_TABLE_PREFIX):
         return True
+    if category == "columns" and (row[0], row[2]) in AIOMQ_COLUMNS:
+        return True
     if category == "indexes":
         return bool(AIOMQ_EXTRA_INDEX.fullmatch(row[0])) or row[1].startswith(AIOMQ_TABLE_PREFIX)
     if category == "relations":
@@ -309,8 +314,13 @@ async def test_schema_matches_psycopg2_mq(
     extra_indexes = extras.pop("indexes")
     extra_relations = extras.pop("relations")
     # aiomq's own tables bring their columns and constraints, on those tables only
-    for category in ("columns", "constraints"):
-        assert {row[0] for row in extras.pop(category)} <= AIOMQ_TABLES, category
+    added_columns = {(row[0], row[2]): row for row in extras.pop("columns") if row[0] not in AIOMQ_TABLES}
+    assert set(added_columns) == AIOMQ_COLUMNS
+    for row in added_columns.values():
+        # psycopg2_mq never names it: a server default fills it, and it comes after psycopg2_mq's columns
+        assert row[5] is not None, row
+        assert row[1] > max(r[1] for r in theirs["columns"] if r[0] == row[0]), row
+    assert {row[0] for row in extras.pop("constraints")} <= AIOMQ_TABLES
     assert all(not rows for rows in extras.values()), extras
     extra_tables = {row[0] for row in extra_relations if row[1] == "r"}
     assert extra_tables == AIOMQ_TABLES
@@ -396,8 +406,15 @@ async def test_schema_details_are_the_references(new_database: Callable[[], Awai
         "mq_job_listener_id_seq",
     }
     # Apart from the sequences, no server-side defaults: the library fills every NOT NULL column.
-    defaults = {(row[0], row[2]) for row in schema["columns"] if row[5] is not None}
-    assert defaults == {("mq_job", "id"), ("mq_job_schedule", "id"), ("mq_job_listener", "id")}
+    # aiomq's added columns have theirs (DESIGN §1.2).
+    defaults = {(row[0], row[2]): row[5] for row in schema["columns"] if row[5] is not None}
+    assert set(defaults) - AIOMQ_COLUMNS == {
+        ("mq_job", "id"),
+        ("mq_job_schedule", "id"),
+        ("mq_job_listener", "id"),
+    }
+    assert defaults["mq_job", "priority"] == "0"
+    assert columns["mq_job", "priority"][3:5] == ("smallint", True)
 
 
 async def test_comparison_sees_differences(new_database: Callable[[], Awaitable[str]]) -> None:

@@ -11,7 +11,9 @@ or cached by SQLAlchemy), each with a comment naming its parameters and what it 
 - :mod:`.maintenance`: lost jobs, stale locks, re-stamping after a reconnect, keepalive;
 - :mod:`.schedules`: scheduler ownership and firing;
 - :mod:`.lookups`: what the source reads (job info, find_jobs, cursors, listeners);
-- :mod:`.aborts`: abort requests.
+- :mod:`.aborts`: abort requests;
+- :mod:`.queues`: pausing and resuming queues, queue statistics;
+- :mod:`.prune`: deleting finished jobs.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from .lookups import LookupStatements
 from .maintenance import MaintenanceStatements
 from .outcomes import OutcomeStatements
 from .parts import Parts
+from .prune import PruneStatements
+from .queues import QueueStatements
 from .schedules import SCHEDULER_NS, ScheduleStatements
 
 __all__ = ["SCHEDULER_NS", "Statements", "statements"]
@@ -47,6 +51,8 @@ class Statements:
         self.maintenance = MaintenanceStatements(parts, self.aborts)
         self.schedules = ScheduleStatements(parts)
         self.lookups = LookupStatements(parts)
+        self.queues = QueueStatements(parts, None if model.QueuePause is None else model.QueuePause.__table__)
+        self.prune = PruneStatements(parts)
         #: Send a NOTIFY (``channel``, ``payload``) inside the current transaction.
         self.notify = self.enqueue.notify
 

@@ -92,28 +92,33 @@ class ClaimStatements:
 
     @staticmethod
     def _picked(p: Parts, wanted: Any) -> Any:
-        """The ids a claim takes: due jobs in order, SKIP LOCKED, at most one per cursor."""
+        """The ids a claim takes: due jobs in claim order, SKIP LOCKED, at most one per cursor, and a
+        cursor's jobs in due order whatever their priorities (the window and ``skipped_ahead`` below)."""
         job = p.job
-        # One ordered walk of ix_aiomq_job_pending_due per queue (PostgreSQL before 17 cannot walk a btree
-        # in order for ``queue = ANY(...)`` and would sort the whole backlog), merged, then the first
+        # One ordered walk of ix_aiomq_job_pending_priority per queue (PostgreSQL before 17 cannot walk a
+        # btree in order for ``queue = ANY(...)`` and would sort the whole backlog), merged, then the first
         # ``limit``: a claim's cost does not grow with the backlog.
+        ranks = [] if p.priority is None else [p.priority]
         per_queue = (
-            sa.select(job.c.id, job.c.cursor_key, *p.due_order)
+            sa.select(job.c.id, job.c.cursor_key, *ranks, *p.due_order)
             .where(job.c.state == p.pending)
             .where(job.c.queue == wanted.c.name)
             .where(job.c.scheduled_time <= sa.bindparam("now", type_=sa.DateTime))
             .where(~p.cursor_busy)
-            .order_by(*p.due_order)
+            .order_by(*p.claim_order)
             .limit(sa.bindparam("limit", type_=sa.Integer))
             .with_for_update(skip_locked=True, of=job)
             .lateral("candidates")
         )
+        merged_order: list[Any] = [per_queue.c.scheduled_time, per_queue.c.created_time, per_queue.c.id]
+        if p.priority is not None:
+            merged_order.insert(0, per_queue.c.priority.desc())
         locked = (
             sa.select(
                 per_queue.c.id, per_queue.c.cursor_key, per_queue.c.scheduled_time, per_queue.c.created_time
             )
             .select_from(wanted.join(per_queue, sa.true()))
-            .order_by(per_queue.c.scheduled_time, per_queue.c.created_time, per_queue.c.id)
+            .order_by(*merged_order)
             .limit(sa.bindparam("limit", type_=sa.Integer))
             .cte("locked")
         )

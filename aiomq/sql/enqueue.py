@@ -25,7 +25,11 @@ class EnqueueStatements:
         #: index, so only a collapsible insert can conflict; then no row comes back and the caller joins.
         self.enqueue = self._insert_job({})
         self._enqueue_notify: dict[frozenset[str], sa.Executable] = {}
-        self.enqueue_many = self._enqueue_many(p)
+        self.enqueue_many = self._enqueue_many(p, prioritized=False)
+        #: ``enqueue_many`` with an array ``priorities`` too (None on a model without the column).
+        self.enqueue_many_prioritized = (
+            None if p.priority is None else self._enqueue_many(p, prioritized=True)
+        )
 
         #: The pending collapsible job of a collapse slot (``queue``, ``method``, ``cursor_key``), locked:
         #: the job a collapsing call joins. ORM rows, so a conflict resolver can change them.
@@ -97,40 +101,46 @@ class EnqueueStatements:
         return statement
 
     @staticmethod
-    def _enqueue_many(p: Parts) -> Any:
+    def _enqueue_many(p: Parts, *, prioritized: bool) -> Any:
         """Enqueue many non-collapsible jobs in one statement (arrays ``created``, ``scheduled``, ``queues``,
-        ``methods``, ``cursor_keys``, ``args`` and ``traces`` as JSON text), inserted in array order."""
+        ``methods``, ``cursor_keys``, ``args`` and ``traces`` as JSON text, and ``priorities`` if
+        ``prioritized``), inserted in array order."""
+        arrays = [
+            sa.bindparam("created", type_=pg.ARRAY(sa.DateTime)),
+            sa.bindparam("scheduled", type_=pg.ARRAY(sa.DateTime)),
+            sa.bindparam("queues", type_=pg.ARRAY(sa.Text)),
+            sa.bindparam("methods", type_=pg.ARRAY(sa.Text)),
+            sa.bindparam("cursor_keys", type_=pg.ARRAY(sa.Text)),
+            sa.bindparam("args", type_=pg.ARRAY(sa.Text)),
+            sa.bindparam("traces", type_=pg.ARRAY(sa.Text)),
+        ]
+        names = ["created", "scheduled", "queue", "method", "cursor_key", "args", "trace"]
+        if prioritized:
+            arrays.append(sa.bindparam("priorities", type_=pg.ARRAY(sa.SmallInteger)))
+            names.append("priority")
         batch = (
-            sa.func.unnest(
-                sa.bindparam("created", type_=pg.ARRAY(sa.DateTime)),
-                sa.bindparam("scheduled", type_=pg.ARRAY(sa.DateTime)),
-                sa.bindparam("queues", type_=pg.ARRAY(sa.Text)),
-                sa.bindparam("methods", type_=pg.ARRAY(sa.Text)),
-                sa.bindparam("cursor_keys", type_=pg.ARRAY(sa.Text)),
-                sa.bindparam("args", type_=pg.ARRAY(sa.Text)),
-                sa.bindparam("traces", type_=pg.ARRAY(sa.Text)),
-            )
-            .table_valued(
-                "created", "scheduled", "queue", "method", "cursor_key", "args", "trace", with_ordinality="n"
-            )
+            sa.func.unnest(*arrays)
+            .table_valued(*names, with_ordinality="n")
             .render_derived(name="batch", with_types=False)
         )
         columns = ["state", "created_time", "scheduled_time", "queue", "method", "cursor_key"]
+        values = [
+            p.pending,
+            batch.c.created,
+            batch.c.scheduled,
+            batch.c.queue,
+            batch.c.method,
+            batch.c.cursor_key,
+            sa.false(),
+            sa.cast(batch.c.args, pg.JSONB),
+            sa.cast(batch.c.trace, pg.JSONB),
+        ]
+        inserted = [*columns, "collapsible", "args", "trace"]
+        if prioritized:
+            inserted.append("priority")
+            values.append(batch.c.priority)
         return (
             pg_insert(p.job)
-            .from_select(
-                [*columns, "collapsible", "args", "trace"],
-                sa.select(
-                    p.pending,
-                    batch.c.created,
-                    batch.c.scheduled,
-                    batch.c.queue,
-                    batch.c.method,
-                    batch.c.cursor_key,
-                    sa.false(),
-                    sa.cast(batch.c.args, pg.JSONB),
-                    sa.cast(batch.c.trace, pg.JSONB),
-                ).order_by(batch.c.n),
-            )
+            .from_select(inserted, sa.select(*values).order_by(batch.c.n))
             .returning(p.job.c.id, p.job.c.scheduled_time)
         )

@@ -54,6 +54,12 @@ class Parts:
         self.queues = sa.bindparam("queues", type_=pg.ARRAY(sa.Text))
         job = self.job
         self.due_order = (job.c.scheduled_time, job.c.created_time, job.c.id)
+        #: The job table's priority column (DESIGN §7.6); None on a custom model without one.
+        self.priority: sa.ColumnElement[Any] | None = job.c.priority if "priority" in job.c else None
+        #: The order a queue's due jobs are claimed in: highest priority first, then due order.
+        self.claim_order = (
+            self.due_order if self.priority is None else (self.priority.desc(), *self.due_order)
+        )
         active = job.alias("active")
         #: Another job of this job's cursor holds the cursor (running or lost).
         self.cursor_busy = (
