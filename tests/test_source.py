@@ -240,6 +240,7 @@ async def test_call_writes_a_pending_row(source: AsyncMQSource, db: Any) -> None
         "cursor_snapshot": None,
         "lock_id": None,
         "worker": None,
+        "priority": 0,
     }
 
 
