@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import os
 import pathlib
 import shutil
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import asyncpg
@@ -19,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from aiomq import AsyncMQSource, AsyncMQWorker, make_default_model
 from aiomq.model import Model
+from aiomq.schema import create_schema
 
 from .pgserver import PgServer, PgUnavailable, start_pg_server
 
@@ -63,74 +65,109 @@ def aiomq_server_url(pg_server: PgServer) -> str:
     return pg_server.dsn
 
 
+async def _create_database(dsn: str, name: str, template: str = "template0") -> None:
+    conn = await _admin(dsn)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    finally:
+        await conn.close()
+
+
+async def _drop_database(dsn: str, name: str) -> None:
+    conn = await _admin(dsn)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@contextlib.contextmanager
+def _template(pg_server: PgServer, prefix: str, fill: Callable[[str], Awaitable[None]]) -> Iterator[str]:
+    """A session's template database, filled by ``fill(url)``, dropped at the end."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+
+    async def create() -> None:
+        await _create_database(pg_server.dsn, name)
+        await fill(with_database(pg_server.dsn, name))
+
+    asyncio.run(create())
+    try:
+        yield name
+    finally:
+        asyncio.run(_drop_database(pg_server.dsn, name))
+
+
 @pytest.fixture(scope="session")
 def template_db(pg_server: PgServer) -> Iterator[str]:
     """A database holding the schema; every test's database is a copy of it."""
-    name = f"aiomq_tpl_{uuid.uuid4().hex[:12]}"
 
-    async def create() -> None:
-        conn = await _admin(pg_server.dsn)
-        try:
-            await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
-        finally:
-            await conn.close()
-        engine = create_async_engine(asyncpg_url(with_database(pg_server.dsn, name)))
+    async def fill(url: str) -> None:
+        engine = create_async_engine(asyncpg_url(url))
         try:
             async with engine.begin() as c:
                 await c.run_sync(METADATA.create_all)
         finally:
             await engine.dispose()
 
-    async def drop() -> None:
-        conn = await _admin(pg_server.dsn)
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
-
-    asyncio.run(create())
-    try:
+    with _template(pg_server, "aiomq_tpl", fill) as name:
         yield name
+
+
+@pytest.fixture(scope="session")
+def upgraded_template_db(pg_server: PgServer) -> Iterator[str]:
+    """psycopg2_mq 0.13.6's own schema, then what ``aiomq schema --create`` adds to it (DESIGN §1.2)."""
+
+    def create_with_psycopg2_mq(url: str) -> None:
+        import psycopg2_mq  # a test dependency; only this fixture needs it
+
+        metadata = sa.MetaData()
+        psycopg2_mq.make_default_model(metadata)
+        engine = sa.create_engine(sa.make_url(url).set(drivername="postgresql+psycopg2"))
+        try:
+            metadata.create_all(engine)
+        finally:
+            engine.dispose()
+
+    async def fill(url: str) -> None:
+        await asyncio.to_thread(create_with_psycopg2_mq, url)
+        engine = create_async_engine(asyncpg_url(url))
+        try:
+            created = await create_schema(engine, MODEL)
+        finally:
+            await engine.dispose()
+        assert ("column", "priority", "mq_job") in created, created
+
+    with _template(pg_server, "aiomq_tpl_up", fill) as name:
+        yield name
+
+
+@contextlib.asynccontextmanager
+async def copied_database(pg_server: PgServer, template: str) -> AsyncIterator[str]:
+    """A libpq URL of a fresh copy of ``template``, dropped afterwards."""
+    name = f"aiomq_t_{uuid.uuid4().hex[:12]}"
+    await _create_database(pg_server.dsn, name, template)
+    try:
+        yield with_database(pg_server.dsn, name)
     finally:
-        asyncio.run(drop())
+        await _drop_database(pg_server.dsn, name)
 
 
 @pytest.fixture
 async def database(pg_server: PgServer, template_db: str) -> AsyncIterator[str]:
     """A libpq URL of a fresh database with the schema, dropped after the test."""
-    name = f"aiomq_t_{uuid.uuid4().hex[:12]}"
-    conn = await _admin(pg_server.dsn)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-    finally:
-        await conn.close()
-    try:
-        yield with_database(pg_server.dsn, name)
-    finally:
-        conn = await _admin(pg_server.dsn)
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
+    async with copied_database(pg_server, template_db) as url:
+        yield url
 
 
 @pytest.fixture
 async def empty_database(pg_server: PgServer) -> AsyncIterator[str]:
     """A fresh database without the schema."""
     name = f"aiomq_e_{uuid.uuid4().hex[:12]}"
-    conn = await _admin(pg_server.dsn)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
-    finally:
-        await conn.close()
+    await _create_database(pg_server.dsn, name)
     try:
         yield with_database(pg_server.dsn, name)
     finally:
-        conn = await _admin(pg_server.dsn)
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
+        await _drop_database(pg_server.dsn, name)
 
 
 @pytest.fixture

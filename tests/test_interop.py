@@ -15,7 +15,7 @@ import json
 import random
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import psycopg2_mq
@@ -25,10 +25,25 @@ from sqlalchemy.orm import Session
 
 from aiomq import AsyncMQSource, AsyncMQWorker, JobContext
 
+from .conftest import copied_database
+from .pgserver import PgServer
+
 pytestmark = pytest.mark.interop
 
 LOCK_KEY = 1250360252  # the default of both libraries
 MakeWorker = Callable[..., AsyncMQWorker]
+
+
+@pytest.fixture(params=["aiomq-schema", "upgraded-psycopg2_mq-schema"])
+async def database(
+    request: pytest.FixtureRequest, pg_server: PgServer, template_db: str, upgraded_template_db: str
+) -> AsyncIterator[str]:
+    """Every interop test runs twice: on tables aiomq created, and on tables psycopg2_mq created and
+    ``aiomq schema --create`` upgraded (the way a team that migrates gets there)."""
+    template = upgraded_template_db if request.param == "upgraded-psycopg2_mq-schema" else template_db
+    async with copied_database(pg_server, template) as url:
+        yield url
+
 
 # ------------------------------------------------------------------------------------------ psycopg2_mq side
 
