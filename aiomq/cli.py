@@ -1,9 +1,10 @@
 """The ``aiomq`` command: run a worker, print or create the schema, inspect and manage jobs, run the demo.
 
     aiomq worker --database-url URL myapp.jobs:QUEUES
-    aiomq schema [--create]
+    aiomq schema [--create | --upgrade]
     aiomq jobs [--queue Q] [--state S] [--cursor K] [--limit N]
     aiomq job ID | retry ID | cancel ID | abort ID
+    aiomq pause Q | resume Q | queues | prune --older-than 7d [...]   (aiomq.cli_queues)
     aiomq demo [--jobs N] [--no-progress]
 
 Every option can also come from an ``AIOMQ_*`` environment variable (``--database-url`` from
@@ -29,12 +30,12 @@ from typing import Any, NoReturn
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from . import __version__
+from . import __version__, cli_queues
 from .dsn import DatabaseURL, check_connection, make_engine, one_line, parse_database_url, reason
 from .errors import CliError, SchemaMissingError, UsageError
 from .model import Model, all_states, make_default_model
 from .output import format_job, format_jobs
-from .schema import check_schema, create_schema, describe_created, model_tables, schema_ddl
+from .schema import check_schema, create_schema, describe_created, model_tables, schema_ddl, upgrade_ddl
 from .source import AsyncMQSource
 from .worker import AsyncMQWorker
 
@@ -198,9 +199,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_worker(commands)
 
-    schema = commands.add_parser("schema", help="print the schema's DDL, or create the missing tables")
-    schema.add_argument(
-        "--create", action="store_true", help="create missing types, tables and indexes (needs a URL)"
+    schema = commands.add_parser(
+        "schema", help="print the schema's DDL, or what a database lacks of it, or create what it lacks"
+    )
+    action = schema.add_mutually_exclusive_group()
+    action.add_argument(
+        "--create",
+        action="store_true",
+        help="add the missing types, tables, columns and indexes to the database at URL (a psycopg2_mq "
+        "or aiomq 0.1 database is upgraded in place; idempotent)",
+    )
+    action.add_argument(
+        "--upgrade",
+        action="store_true",
+        help="print only the DDL that --create would run on the database at URL; change nothing",
     )
     _model_option(schema)
     _common(schema, top=False)
@@ -237,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
         _common(command, top=False)
         command.set_defaults(func=func)
 
+    cli_queues.add_commands(commands, _command_options, _on_source)
+
     demo = commands.add_parser(
         "demo", help="a worker and a source on a real (or embedded) database, with live progress"
     )
@@ -252,6 +266,23 @@ def build_parser() -> argparse.ArgumentParser:
     _common(demo, top=False)
     demo.set_defaults(func=_cmd_demo)
     return parser
+
+
+def _command_options(parser: argparse.ArgumentParser) -> None:
+    _model_option(parser)
+    _common(parser, top=False)
+
+
+def _on_source(command: cli_queues.Command) -> Callable[[argparse.Namespace], int]:
+    """A command's ``func``: connect, run ``command`` on an engine source, print what it returns."""
+
+    async def run(args: argparse.Namespace) -> int:
+        model = load_model(args.model)
+        async with _connected(args, model) as (engine, _):
+            print(await command(AsyncMQSource(engine=engine, model=model), args))
+        return 0
+
+    return lambda args: asyncio.run(run(args))
 
 
 # ---------------------------------------------------------------- loading MODULE:ATTR
@@ -376,10 +407,21 @@ async def _worker(args: argparse.Namespace) -> int:
 
 def _cmd_schema(args: argparse.Namespace) -> int:
     model = load_model(args.model)
+    if args.upgrade:
+        return asyncio.run(_schema_upgrade(args, model))
     if not args.create:
         sys.stdout.write(schema_ddl(model))
         return 0
     return asyncio.run(_schema_create(args, model))
+
+
+async def _schema_upgrade(args: argparse.Namespace, model: Model) -> int:
+    _database(args, " for --upgrade")
+    async with _connected(args, model) as (engine, db):
+        ddl = await upgrade_ddl(engine, model)
+    # Comments, so the output stays a script psql can run
+    sys.stdout.write(ddl or f"-- nothing to add: the schema is complete in {db}\n")
+    return 0
 
 
 async def _schema_create(args: argparse.Namespace, model: Model) -> int:

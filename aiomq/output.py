@@ -1,4 +1,4 @@
-"""What the ``aiomq`` command prints about jobs: a table of many, every column of one."""
+"""What the ``aiomq`` command prints: a table of jobs, every column of one, the queues' statistics."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from typing import Any
 import sqlalchemy as sa
 
 from .model import Model
+from .queues import QueueStats
 from .records import JobInfo
 
-__all__ = ["format_job", "format_jobs"]
+__all__ = ["format_age", "format_job", "format_jobs", "format_queue_stats"]
 
 
 def _time(value: datetime.datetime | None) -> str:
@@ -73,4 +74,51 @@ def format_job(row: Any, model: Model) -> str:
         lines.append(f"{key + ':':<{width}}{text}")
     if row.start_time is not None and row.end_time is not None:
         lines.append(f"{'duration:':<{width}}{(row.end_time - row.start_time).total_seconds():.3f} s")
+    return "\n".join(lines)
+
+
+def format_age(age: datetime.timedelta | None) -> str:
+    """A wait as a person reads it: ``0.4s``, ``2m05s``, ``3h12m``, ``2d03h``; ``-`` for none."""
+    if age is None:
+        return "-"
+    seconds = age.total_seconds()
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    whole = int(seconds)
+    days, rest = divmod(whole, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s"
+
+
+def format_queue_stats(stats: Sequence[QueueStats]) -> str:
+    """``aiomq queues``: one line per queue."""
+    if not stats:
+        return "no queues: no job and no pause in this database"
+    header = ("QUEUE", "DUE", "LATER", "RUNNING", "LOST", "PAUSED", "OLDEST DUE")
+    rows = [
+        (
+            _cell(s.queue, 60),
+            f"{s.pending_due:,}",
+            f"{s.pending_later:,}",
+            f"{s.running:,}",
+            f"{s.lost:,}",
+            "paused" if s.paused else "-",
+            format_age(s.oldest_due_age),
+        )
+        for s in stats
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    right = {1, 2, 3, 4}  # counts line up on the right
+
+    def line(row: Sequence[str]) -> str:
+        cells = zip(row, widths, strict=True)
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(cells)).rstrip()
+
+    lines = [line(r) for r in [header, *rows]]
+    lines.append("DUE and LATER are pending jobs; OLDEST DUE is how long the oldest due job has waited")
     return "\n".join(lines)

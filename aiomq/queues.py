@@ -55,7 +55,7 @@ async def _set_paused(
     payload = channels.pause_payload(queue, paused)
     await session.execute(st.notify, {"channel": channels.PAUSE_CHANNEL, "payload": payload})
     if changed:
-        log.warning("queue %s %s", queue, "paused" if paused else "resumed")
+        log.info("queue %s %s", queue, "paused" if paused else "resumed")
     return changed
 
 

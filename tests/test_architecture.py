@@ -34,6 +34,7 @@ LAYERS: list[set[str]] = [
     {"worker"},
     {"__init__"},
     {"testing", "demo", "output"},
+    {"cli_queues"},
     {"cli"},
     {"__main__"},
 ]
