@@ -241,6 +241,18 @@ async def test_a_batch_of_failures_with_retries(
     assert cursor_retry["cursor_key"] == "k"
 
 
+async def test_a_retry_keeps_its_jobs_priority(
+    source: AsyncMQSource, make_worker: MakeWorker, db: Any
+) -> None:
+    first = await source.call("q", "m", retry=Retry(max_attempts=2, backoff=0), priority=-7)
+    await make_worker({"q": FailTimes(1)}, retry_intervals=(0.05,)).run_until_idle()
+    rows = await jobs_by_id(db)
+    assert [(r["id"] == first.id, r["state"], r["priority"]) for r in rows] == [
+        (True, "failed", -7),
+        (False, "completed", -7),
+    ]
+
+
 # ------------------------------------------------------------------------------------------ timeouts
 
 

@@ -183,7 +183,7 @@ class OutcomeStatements:
     @staticmethod
     def _retry_many(p: Parts) -> Any:
         """Schedule the next run of failed jobs (arrays ``ids``, ``scheduled``, ``attempts``; ``now``), as
-        ``retry_job`` would: a new pending job of the same queue, method, args and cursor, not
+        ``retry_job`` would: a new pending job of the same queue, method, args, cursor and priority, not
         collapsible, its trace copied with ``mq_source_job_id`` and ``aiomq_attempt``; the failed job's
         trace gets ``aiomq_retried_by``. Returns each new job's ``id`` and ``source_id`` and sends its
         ``{"j", "t"}`` NOTIFY. Run in the transaction that records the failures."""
@@ -209,10 +209,12 @@ class OutcomeStatements:
                 )
             )
         )
+        # A retry keeps its job's priority (aiomq's column; absent from a custom model without it).
+        kept = [] if p.priority is None else [failed.c.priority]
         inserted = (
             pg_insert(job)
             .from_select(
-                _RETRY_COLUMNS,
+                [*_RETRY_COLUMNS, *(["priority"] if kept else [])],
                 sa.select(
                     p.pending,
                     sa.bindparam("now", type_=sa.DateTime),
@@ -223,6 +225,7 @@ class OutcomeStatements:
                     failed.c.cursor_key,
                     sa.false(),
                     trace,
+                    *kept,
                 )
                 .select_from(wanted.join(failed, failed.c.id == wanted.c.id))
                 .order_by(wanted.c.id),
