@@ -54,30 +54,38 @@ async def preload(
     *,
     queues: Sequence[str] = (QUEUE,),
     cursor_keys: int = 0,
+    priorities: Sequence[int] | None = None,
 ) -> None:
     """Insert ``count`` due no-op jobs in one statement (not timed), then ANALYZE.
 
     Job ``i`` goes to ``queues[i % len(queues)]``; with ``cursor_keys`` it gets cursor ``c<i % cursor_keys>``
     (not collapsible), so the keys are interleaved and any window of due jobs spans many cursors. All are
-    due a second ago; ``created_time`` grows with ``i`` so the claim order is the insertion order.
+    due a second ago; ``created_time`` grows with ``i`` so the claim order is the insertion order (within a
+    priority). ``priorities``, one per job, fill the ``priority`` column; without them it keeps its default.
     """
     base = utcnow() - datetime.timedelta(seconds=10)
     queue_list = [queues[i % len(queues)] for i in range(count)]
     keys: list[str | None] = [f"c{i % cursor_keys}" for i in range(count)] if cursor_keys else [None] * count
+    args: list[Any] = [base, queue_list, keys]
+    column, value, source = "", "", "unnest($2::text[], $3::text[]) WITH ORDINALITY AS t(q, k, n)"
+    if priorities is not None:
+        if len(priorities) != count:
+            raise ValueError(f"{len(priorities)} priorities for {count} jobs")
+        args.append(list(priorities))
+        column, value = ", priority", ", p"
+        source = "unnest($2::text[], $3::text[], $4::smallint[]) WITH ORDINALITY AS t(q, k, p, n)"
     conn = await asyncpg.connect(plain_dsn(url))
     try:
         await conn.execute(
-            """
+            f"""
             INSERT INTO mq_job (state, created_time, scheduled_time, queue, method, args, cursor_key,
-                                collapsible, trace)
+                                collapsible, trace{column})
             SELECT 'pending', $1::timestamp + n * interval '1 microsecond', $1::timestamp + interval '9 s',
                    q, 'noop', jsonb_build_object('i', n), k, CASE WHEN k IS NULL THEN NULL ELSE false END,
-                   NULL
-            FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS t(q, k, n)
+                   NULL{value}
+            FROM {source}
             """,
-            base,
-            queue_list,
-            keys,
+            *args,
         )
         await conn.execute("ANALYZE mq_job")
     finally:

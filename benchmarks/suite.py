@@ -33,7 +33,8 @@ import sqlalchemy
 import aiomq
 
 from .common import Row, plain_dsn
-from .scenarios import SCENARIOS, Context, Scenario, Sizes
+from .harness import Context, Scenario, Sizes
+from .scenarios import SCENARIOS
 
 __all__ = ["main"]
 
@@ -121,7 +122,7 @@ async def machine_info(url: str) -> dict[str, Any]:
 def _fmt(value: float | None, unit: str) -> str:
     if value is None:
         return "-"
-    if unit == "jobs/s":
+    if unit in ("jobs/s", "rows/s"):
         return f"{value:,.0f}"
     if unit == "MiB":
         return f"{value:,.1f}"

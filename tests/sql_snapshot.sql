@@ -1,23 +1,19 @@
 -- claims.claim
 WITH locked AS
-(SELECT candidates.id AS id, candidates.cursor_key AS cursor_key, candidates.scheduled_time AS scheduled_time, candidates.created_time AS created_time
-FROM unnest(%(queues)s::TEXT[]) AS wanted(name) JOIN LATERAL (SELECT mq_job.id AS id, mq_job.cursor_key AS cursor_key, mq_job.priority AS priority, mq_job.scheduled_time AS scheduled_time, mq_job.created_time AS created_time, mq_job.id AS id__1
+(SELECT candidates.id AS id
+FROM unnest(%(queues)s::TEXT[]) AS wanted(name) JOIN LATERAL (SELECT mq_job.id AS id, mq_job.priority AS priority, mq_job.scheduled_time AS scheduled_time, mq_job.created_time AS created_time, mq_job.id AS id__1
 FROM mq_job
 WHERE mq_job.state = 'pending' AND mq_job.queue = wanted.name AND mq_job.scheduled_time <= %(now)s::TIMESTAMP WITHOUT TIME ZONE AND NOT (EXISTS (SELECT *
 FROM mq_job AS active
-WHERE active.cursor_key = mq_job.cursor_key AND active.cursor_key IS NOT NULL AND active.state IN ('running', 'lost'))) ORDER BY mq_job.priority DESC, mq_job.scheduled_time, mq_job.created_time, mq_job.id
- LIMIT %(limit)s::INTEGER FOR UPDATE OF mq_job SKIP LOCKED) AS candidates ON true ORDER BY candidates.priority DESC, candidates.scheduled_time, candidates.created_time, candidates.id
- LIMIT %(limit)s::INTEGER),
-picked AS
-(SELECT ranked.id AS id
-FROM (SELECT locked.id AS id, locked.cursor_key AS cursor_key, locked.scheduled_time AS scheduled_time, locked.created_time AS created_time, row_number() OVER (PARTITION BY locked.cursor_key ORDER BY locked.scheduled_time, locked.created_time, locked.id) AS rank
-FROM locked) AS ranked
-WHERE ranked.cursor_key IS NULL OR ranked.rank = %(rank_1)s::INTEGER AND NOT (EXISTS (SELECT *
+WHERE active.cursor_key = mq_job.cursor_key AND active.cursor_key IS NOT NULL AND active.state IN ('running', 'lost'))) AND (mq_job.cursor_key IS NULL OR NOT (EXISTS (SELECT *
 FROM mq_job AS earlier
-WHERE earlier.cursor_key = ranked.cursor_key AND earlier.state = 'pending' AND earlier.queue = ANY (%(queues)s::TEXT[]) AND earlier.scheduled_time <= %(now)s::TIMESTAMP WITHOUT TIME ZONE AND (earlier.scheduled_time, earlier.created_time, earlier.id) < (ranked.scheduled_time, ranked.created_time, ranked.id))))
+WHERE earlier.cursor_key = mq_job.cursor_key AND earlier.state = 'pending' AND earlier.queue = ANY (%(queues)s::TEXT[]) AND earlier.scheduled_time <= %(now)s::TIMESTAMP WITHOUT TIME ZONE AND (earlier.scheduled_time, earlier.created_time, earlier.id) < (mq_job.scheduled_time, mq_job.created_time, mq_job.id)))) ORDER BY mq_job.priority DESC, mq_job.scheduled_time, mq_job.created_time, mq_job.id
+ LIMIT %(limit)s::INTEGER FOR UPDATE OF mq_job SKIP LOCKED) AS candidates ON true ORDER BY candidates.priority DESC, candidates.scheduled_time, candidates.created_time, candidates.id
+ LIMIT %(limit)s::INTEGER)
  UPDATE mq_job SET start_time=%(now)s::TIMESTAMP WITHOUT TIME ZONE, state='running', cursor_snapshot=(SELECT mq_job_cursor.properties
 FROM mq_job_cursor
-WHERE mq_job_cursor.key = mq_job.cursor_key), lock_id=%(lock_id)s::INTEGER, worker=%(name)s::VARCHAR FROM picked WHERE mq_job.id = picked.id RETURNING mq_job.id, mq_job.queue, mq_job.method, mq_job.args, mq_job.cursor_key, mq_job.cursor_snapshot, mq_job.trace, mq_job.scheduled_time, mq_job.created_time;
+WHERE mq_job_cursor.key = mq_job.cursor_key), lock_id=%(lock_id)s::INTEGER, worker=%(name)s::VARCHAR WHERE mq_job.id = ANY (CAST((SELECT array_agg(locked.id) AS array_agg_1
+FROM locked) AS BIGINT[])) RETURNING mq_job.id, mq_job.queue, mq_job.method, mq_job.args, mq_job.cursor_key, mq_job.cursor_snapshot, mq_job.trace, mq_job.scheduled_time, mq_job.created_time;
 
 -- claims.next_due
 SELECT min(first_due.scheduled_time) AS min_1
@@ -113,7 +109,7 @@ WHERE twin.state = 'pending' AND twin.collapsible = true AND twin.cursor_key = m
 
 -- outcomes.retry_many
 WITH retried AS
-(INSERT INTO mq_job (state, created_time, scheduled_time, queue, method, args, cursor_key, collapsible, trace) SELECT 'pending', %(now)s::TIMESTAMP WITHOUT TIME ZONE AS anon_1, wanted.scheduled AS scheduled, failed.queue AS queue, failed.method AS method, failed.args AS args, failed.cursor_key AS cursor_key, false AS anon_2, (CASE WHEN (jsonb_typeof(failed.trace) = %(jsonb_typeof_2)s::VARCHAR) THEN failed.trace ELSE CAST(%(param_4)s::VARCHAR AS JSONB) END - %(param_5)s::VARCHAR) || jsonb_build_object(%(param_6)s::VARCHAR, failed.id, %(param_7)s::VARCHAR, wanted.attempt) AS anon_3
+(INSERT INTO mq_job (state, created_time, scheduled_time, queue, method, args, cursor_key, collapsible, trace, priority) SELECT 'pending', %(now)s::TIMESTAMP WITHOUT TIME ZONE AS anon_1, wanted.scheduled AS scheduled, failed.queue AS queue, failed.method AS method, failed.args AS args, failed.cursor_key AS cursor_key, false AS anon_2, (CASE WHEN (jsonb_typeof(failed.trace) = %(jsonb_typeof_2)s::VARCHAR) THEN failed.trace ELSE CAST(%(param_4)s::VARCHAR AS JSONB) END - %(param_5)s::VARCHAR) || jsonb_build_object(%(param_6)s::VARCHAR, failed.id, %(param_7)s::VARCHAR, wanted.attempt) AS anon_3, failed.priority AS priority
 FROM unnest(%(ids)s::BIGINT[], %(scheduled)s::TIMESTAMP WITHOUT TIME ZONE[], %(attempts)s::INTEGER[]) AS wanted(id, scheduled, attempt) JOIN mq_job AS failed ON failed.id = wanted.id ORDER BY wanted.id RETURNING mq_job.id, mq_job.queue, mq_job.scheduled_time, CAST(mq_job.trace ->> %(trace_1)s::TEXT AS BIGINT) AS source_id),
 marked AS
 (UPDATE mq_job SET trace=(CASE WHEN (jsonb_typeof(mq_job.trace) = %(jsonb_typeof_1)s::VARCHAR) THEN mq_job.trace ELSE CAST(%(param_2)s::VARCHAR AS JSONB) END || jsonb_build_object(%(param_3)s::VARCHAR, retried.id)) FROM retried WHERE mq_job.id = retried.source_id RETURNING mq_job.id)

@@ -13,7 +13,9 @@ from aiomq import AsyncMQSource
 
 from .test_cli import cli, ok, one_line_error
 
-NOW = datetime.datetime.now(datetime.UTC).replace(tzinfo=None, microsecond=0)
+
+def utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC).replace(tzinfo=None, microsecond=0)
 
 
 async def finish(db: Any, job_id: int, state: str, ended: datetime.datetime) -> None:
@@ -46,6 +48,7 @@ async def test_help_names_the_commands() -> None:
 
 
 async def test_pause_queues_resume(database: str, source: AsyncMQSource, db: Any) -> None:
+    NOW = utcnow()
     assert ok(await cli("queues", "--database-url", database)).startswith("no queues")
     for _ in range(3):
         await source.call("mail", "send", when=NOW - datetime.timedelta(minutes=5), now=NOW)
@@ -72,6 +75,7 @@ async def test_pause_queues_resume(database: str, source: AsyncMQSource, db: Any
 
 
 async def test_prune(database: str, source: AsyncMQSource, db: Any) -> None:
+    NOW = utcnow()
     old, recent = NOW - datetime.timedelta(days=10), NOW - datetime.timedelta(days=1)
     ids: dict[str, int] = {}
     for name, queue, state, ended in (
@@ -128,6 +132,7 @@ async def test_prune(database: str, source: AsyncMQSource, db: Any) -> None:
 async def test_bad_input_changes_nothing(
     database: str, source: AsyncMQSource, db: Any, args: tuple[str, ...], code: int, fragment: str
 ) -> None:
+    NOW = utcnow()
     job = await source.call("a", "m")
     await finish(db, job.id, "completed", NOW - datetime.timedelta(days=30))
     proc = await cli(*args, "--database-url", database)
