@@ -21,6 +21,7 @@ from .errors import SchemaMissingError
 from .model import Model
 
 __all__ = [
+    "OBSOLETE_INDEXES",
     "Created",
     "Step",
     "check_schema",
@@ -34,6 +35,10 @@ __all__ = [
 
 #: What create_schema made: (kind, name, table), e.g. ("index", "ix_aiomq_job_pending_due", "mq_job").
 Created = tuple[str, str, str | None]
+
+#: aiomq's own indexes of earlier versions, each with the index that replaced it: ``create_schema`` drops
+#: one where the model has its replacement (psycopg2_mq never used them).
+OBSOLETE_INDEXES = {"ix_aiomq_job_pending_cursor": "ix_aiomq_job_pending_cursor_due"}
 
 _MISSING_TABLE = re.compile(r'relation "([^"]+)" does not exist')
 _MISSING_COLUMN_OF = re.compile(r'column "([^"]+)" of relation "([^"]+)" does not exist')
@@ -116,7 +121,7 @@ def _missing_column(message: str) -> tuple[str, str] | None:
 class Step:
     """One statement of creating or upgrading the schema."""
 
-    kind: str  # "type", "table", "column" or "index"
+    kind: str  # "type", "table", "column", "index" or "drop index"
     name: str
     table: str | None
     ddl: sa.ExecutableDDLElement
@@ -181,6 +186,23 @@ def _upgrade_steps(conn: sa.Connection, model: Model) -> list[Step]:
         for index in sorted(table.indexes, key=lambda i: str(i.name)):
             if index.name not in indexes:
                 steps.append(Step("index", str(index.name), table.name, sa.schema.CreateIndex(index)))
+        steps += _obsolete_index_steps(table, {str(name) for name in indexes}, preparer)
+    return steps
+
+
+def _obsolete_index_steps(table: sa.Table, present: set[str], preparer: Any) -> list[Step]:
+    """Drop aiomq's own indexes of an earlier version once the model has what replaced them."""
+    mine = {str(index.name) for index in table.indexes}
+    steps = []
+    for name in sorted(present & OBSOLETE_INDEXES.keys()):
+        if OBSOLETE_INDEXES[name] in mine and name not in mine:
+            qualified = (
+                preparer.quote(name)
+                if table.schema is None
+                else f"{preparer.quote_schema(table.schema)}.{preparer.quote(name)}"
+            )
+            ddl = sa.DDL(f"DROP INDEX {qualified}")  # type: ignore[no-untyped-call]
+            steps.append(Step("drop index", name, table.name, ddl))
     return steps
 
 
@@ -244,6 +266,8 @@ def describe_created(created: Sequence[Created]) -> str:
             continue
         elif kind == "column":
             lines.append(f"added column {table}.{name}")
+        elif kind == "drop index":
+            lines.append(f"dropped index {name} on {table} (replaced by {OBSOLETE_INDEXES[name]})")
         else:
             lines.append(f"created {kind} {name}" + (f" on {table}" if table else ""))
     return "\n".join(lines)

@@ -104,6 +104,7 @@ async def test_upgrade_prints_the_ddl_and_create_applies_it(
         "CREATE INDEX ix_aiomq_job_pending_priority ON mq_job",
         "CREATE INDEX ix_aiomq_job_pending_due ON mq_job",
         "CREATE INDEX ix_aiomq_job_cursor_updated_job ON mq_job_cursor",
+        "CREATE INDEX ix_aiomq_job_pending_cursor_due ON mq_job",
     ):
         assert made in printed, made
     assert "CREATE TYPE" not in printed, "psycopg2_mq made the enum"
@@ -148,10 +149,15 @@ async def test_an_aiomq_0_1_database_is_upgraded(new_database: NewDatabase, mode
     url = await new_database()
     await create_with_aiomq(url)
     conn = await asyncpg.connect(url)
-    try:  # what aiomq 0.1 made: no priority, no pause table, no priority index
+    try:  # what aiomq 0.1 made: no priority, no pause table, no priority index, 0.1's cursor index
         await conn.execute("DROP TABLE aiomq_queue_pause")
         await conn.execute("ALTER TABLE mq_job DROP COLUMN priority")  # its index goes with it
         await conn.execute("DROP INDEX ix_aiomq_job_cursor_updated_job")
+        await conn.execute("DROP INDEX ix_aiomq_job_pending_cursor_due")
+        await conn.execute(
+            "CREATE INDEX ix_aiomq_job_pending_cursor ON mq_job (cursor_key) "
+            "WHERE state = 'pending' AND cursor_key IS NOT NULL"
+        )
     finally:
         await conn.close()
     engine = create_async_engine(asyncpg_url(url))
@@ -161,7 +167,9 @@ async def test_an_aiomq_0_1_database_is_upgraded(new_database: NewDatabase, mode
         made = sorted([*first, *second])
         assert made == [
             ("column", "priority", "mq_job"),
+            ("drop index", "ix_aiomq_job_pending_cursor", "mq_job"),
             ("index", "ix_aiomq_job_cursor_updated_job", "mq_job_cursor"),
+            ("index", "ix_aiomq_job_pending_cursor_due", "mq_job"),
             ("index", "ix_aiomq_job_pending_priority", "mq_job"),
             ("table", "aiomq_queue_pause", None),
         ]

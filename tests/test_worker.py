@@ -953,7 +953,7 @@ async def test_run_until_idle_runs_successor_of_job_finishing_during_a_claim(
             await asyncio.sleep(0.005)
 
     async def after_statement(sql: str) -> None:
-        if armed.is_set() and sql.lstrip().startswith("WITH locked AS"):
+        if armed.is_set() and "SKIP LOCKED" in sql and "SET start_time=" in sql:  # the claim
             armed.clear()
             await hold_until_idle()
 

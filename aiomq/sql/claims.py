@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -103,50 +104,80 @@ class ClaimStatements:
         cursor's jobs in due order whatever their priorities (``behind`` below)."""
         job = p.job
         now = sa.bindparam("now", type_=sa.DateTime)
-        # A cursor's jobs run in due order whatever their priorities: a job with an earlier due job of its
-        # cursor pending in these queues is not a candidate. (Refusing such jobs only after the walk, a
-        # claim could fill ``limit`` with later jobs of one cursor of a higher priority, refuse them all
-        # and claim nothing, again and again: the whole queue would starve.)
-        earlier = job.alias("earlier")
-        behind = (
-            sa.exists()
-            .where(earlier.c.cursor_key == job.c.cursor_key)
-            .where(earlier.c.state == p.pending)
-            .where(earlier.c.queue == sa.any_(p.queues))
-            .where(earlier.c.scheduled_time <= now)
-            .where(
-                sa.tuple_(earlier.c.scheduled_time, earlier.c.created_time, earlier.c.id)
-                < sa.tuple_(job.c.scheduled_time, job.c.created_time, job.c.id)
-            )
-        )
-        # One ordered walk of ix_aiomq_job_pending_priority per queue (PostgreSQL before 17 cannot walk a
-        # btree in order for ``queue = ANY(...)`` and would sort the whole backlog), merged, then the first
-        # ``limit``: a claim's cost does not grow with the backlog.
         ranks = [] if p.priority is None else [p.priority]
-        per_queue = (
-            sa.select(job.c.id, *ranks, *p.due_order)
-            .where(job.c.state == p.pending)
-            .where(job.c.queue == wanted.c.name)
-            .where(job.c.scheduled_time <= now)
-            .where(~p.cursor_busy)
-            .where(sa.or_(job.c.cursor_key.is_(None), ~behind))
-            .order_by(*p.claim_order)
-            .limit(sa.bindparam("limit", type_=sa.Integer))
-            .with_for_update(skip_locked=True, of=job)
-            .lateral("candidates")
-        )
-        merged_order: list[Any] = [per_queue.c.scheduled_time, per_queue.c.created_time, per_queue.c.id]
+
+        def walk(
+            order: Sequence[Any],
+            limit: Any,
+            name: str,
+            only_if: Any = None,
+            keep: Callable[[Any], Any] | None = None,
+        ) -> Any:
+            # One ordered walk of an index per queue (PostgreSQL before 17 cannot walk a btree in order for
+            # ``queue = ANY(...)`` and would sort the whole backlog): a claim's cost does not grow with the
+            # backlog.
+            walked = (
+                sa.select(job.c.id, job.c.cursor_key, *ranks, *p.due_order)
+                .where(job.c.state == p.pending)
+                .where(job.c.queue == wanted.c.name)
+                .where(job.c.scheduled_time <= now)
+                .where(~p.cursor_busy)
+                .where(sa.true() if only_if is None else only_if)
+                .where(sa.true() if keep is None else keep(job))
+                .order_by(*order)
+                .limit(limit)
+                .with_for_update(skip_locked=True, of=job)
+                .lateral(name)
+            )
+            return sa.select(*walked.c).select_from(wanted.join(walked, sa.true()))
+
+        # ``limit`` jobs of each queue in claim order (ix_aiomq_job_pending_priority), less those behind an
+        # earlier job of their cursor (below): what remains is exactly the first of the claimable jobs in
+        # claim order, maybe fewer than ``limit``. With priorities, a cursor's later jobs may come first and
+        # all be refused; only then (PostgreSQL skips the walk otherwise) a second walk refuses them as it
+        # goes, so the claim still takes the best claimable jobs and makes progress. That walk reads past
+        # every refused job: give a cursor's jobs one priority to keep it short.
+        by_claim = walk(p.claim_order, sa.bindparam("limit", type_=sa.Integer), "by_claim").subquery()
+        accepted = sa.select(*by_claim.c).where(ClaimStatements._first_of_cursor(p, by_claim)).cte("accepted")
+        candidates: Any = accepted
         if p.priority is not None:
-            merged_order.insert(0, per_queue.c.priority.desc())
-        # At most one job per cursor comes out of the walks (only the first due one of its cursor), so the
-        # merged first ``limit`` are all taken. An earlier due job of a cursor that another worker has
-        # locked keeps its later jobs out too: taking one would run the cursor out of order, and a
-        # psycopg2_mq worker (whose claim reads the cursor, then writes the job in a second statement)
-        # could then start that earlier job from a cursor this one is about to change.
+            past = walk(
+                p.claim_order,
+                sa.bindparam("limit", type_=sa.Integer),
+                "past_refused",
+                ~sa.exists(sa.select(accepted.c.id)),
+                lambda t: ClaimStatements._first_of_cursor(p, t),
+            ).subquery()
+            union: Any = sa.union_all  # (typed as Any: mypy 2.4 crashes on its variadic signature)
+            candidates = union(sa.select(*accepted.c), sa.select(*past.c)).subquery("candidates")
+        order: list[Any] = [candidates.c.scheduled_time, candidates.c.created_time, candidates.c.id]
+        if p.priority is not None:
+            order.insert(0, candidates.c.priority.desc())
         return (
-            sa.select(per_queue.c.id)
-            .select_from(wanted.join(per_queue, sa.true()))
-            .order_by(*merged_order)
+            sa.select(candidates.c.id)
+            .order_by(*order)
             .limit(sa.bindparam("limit", type_=sa.Integer))
             .cte("locked")
         )
+
+    @staticmethod
+    def _first_of_cursor(p: Parts, candidates: Any) -> Any:
+        """A candidate without a cursor, or with no earlier due job of its cursor pending in these queues.
+
+        Such an earlier job is among the candidates (then it is the one taken), or another worker's claim
+        has it locked. Taking this one would run the cursor out of order, and a psycopg2_mq worker (whose
+        claim reads the cursor, then writes the job in a second statement) could then start the earlier
+        job from a cursor this one is about to change. One probe of ix_aiomq_job_pending_cursor_due."""
+        earlier = p.job.alias("earlier")
+        behind = (
+            sa.exists()
+            .where(earlier.c.cursor_key == candidates.c.cursor_key)
+            .where(earlier.c.state == p.pending)
+            .where(earlier.c.queue == sa.any_(p.queues))
+            .where(earlier.c.scheduled_time <= sa.bindparam("now", type_=sa.DateTime))
+            .where(
+                sa.tuple_(earlier.c.scheduled_time, earlier.c.created_time, earlier.c.id)
+                < sa.tuple_(candidates.c.scheduled_time, candidates.c.created_time, candidates.c.id)
+            )
+        )
+        return sa.or_(candidates.c.cursor_key.is_(None), ~behind)
