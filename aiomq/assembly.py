@@ -31,6 +31,10 @@ from .sql import Statements, statements
 __all__ = ["Callbacks", "Parts", "Settings", "assemble"]
 
 
+#: The ``prune_after`` duty starts a prune at most once every this many maintenance intervals.
+PRUNE_EVERY = 5
+
+
 class Settings(Protocol):
     """What the parts read of the worker's settings (its public attributes and overridable methods)."""
 
@@ -145,7 +149,14 @@ def assemble(
         source_for=source_for,
         is_retryable=w.is_retryable_error,
     )
-    pruner = Pruner(engine=w.engine, st=st, prune_after=w.prune_after, clock=w.clock, stopping=cb.stopping)
+    pruner = Pruner(
+        engine=w.engine,
+        st=st,
+        prune_after=w.prune_after,
+        clock=w.clock,
+        stopping=cb.stopping,
+        interval=PRUNE_EVERY * w.timeout,
+    )
     maintenance = _maintenance(w, cb, st, tx, link, scheduler, announcer, policies, backoff, pauses, pruner)
     return Parts(st, backoff, link, tx, claimer, executor, recorder, scheduler, maintenance, pauses, pruner)
 

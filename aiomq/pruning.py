@@ -82,7 +82,7 @@ async def prune_jobs(
     stopping: Callable[[], bool] = lambda: False,
 ) -> int:
     """Delete (or with ``dry_run`` count) finished jobs in ``states`` whose ``end_time`` is older than
-    ``older_than``; returns how many. ``exclusive``: stop at once if another pruner holds the lock."""
+    ``older_than``; returns how many. ``exclusive``: return 0 at once if another exclusive prune runs."""
     params: dict[str, Any] = {
         "states": prune_states(st.parts.model.JobStates, states),
         "before": prune_cutoff(older_than, utcnow() if now is None else to_naive_utc(now)),
@@ -90,13 +90,27 @@ async def prune_jobs(
         "batch": _check_batch(batch_size),
         "after": 0,
     }
+    if not exclusive:
+        return await _batches(engine, st, params, dry_run, stopping)
+    # A session lock on a connection of its own, held for the whole prune: one pruner at a time.
+    async with engine.connect() as conn:
+        conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+        if not await conn.scalar(st.prune.try_prune_lock):
+            log.debug("another worker is pruning")
+            return 0
+        try:
+            return await _batches(engine, st, params, dry_run, stopping)
+        finally:
+            await conn.execute(st.prune.prune_unlock)
+
+
+async def _batches(
+    engine: AsyncEngine, st: Statements, params: dict[str, Any], dry_run: bool, stopping: Callable[[], bool]
+) -> int:
     statement = st.prune.count_batch if dry_run else st.prune.prune_batch
     total = 0
     while not stopping():
         async with engine.begin() as conn:
-            if exclusive and not await conn.scalar(st.prune.try_prune_lock):
-                log.debug("another worker is pruning")
-                break
             row = (await conn.execute(statement, params)).one()
         total += row.deleted
         if row.last_id is None or not row.older:
@@ -109,9 +123,13 @@ async def prune_jobs(
 
 
 class Pruner:
-    """The worker duty ``prune_after``: at each maintenance, unless a prune is still running, start one in
-    the background (it must not hold up claims), deleting completed and canceled jobs that ended more than
-    ``prune_after`` ago. Many workers may have it: one prunes at a time, the others skip their turn."""
+    """The worker duty ``prune_after``: at a maintenance, unless a prune is still running or this worker
+    started one less than ``interval`` seconds ago, start one in the background (it must not hold up
+    claims), deleting completed and canceled jobs that ended more than ``prune_after`` ago. Many workers
+    may have it: one prunes at a time (a session advisory lock), the others skip their turn.
+
+    The interval keeps an idle prune cheap: a prune walks every job kept (failed ones, say) to find the
+    ones to delete, and once everything old is gone there is nothing to gain from walking again soon."""
 
     def __init__(
         self,
@@ -121,17 +139,24 @@ class Pruner:
         prune_after: datetime.timedelta | None,
         clock: Callable[[], datetime.datetime],
         stopping: Callable[[], bool],
+        interval: float,
     ) -> None:
         self._engine = engine
         self._st = st
         self._prune_after = prune_after
         self._clock = clock
         self._stopping = stopping
+        self._interval = interval
+        self._started: float | None = None  # the loop's time of the last start
         self._task: asyncio.Task[int] | None = None
 
     def start(self) -> None:
         if self._prune_after is None or (self._task is not None and not self._task.done()):
             return
+        now = asyncio.get_running_loop().time()
+        if self._started is not None and now - self._started < self._interval:
+            return
+        self._started = now
         self._task = asyncio.create_task(self._run(self._prune_after), name="aiomq prune")
 
     async def _run(self, prune_after: datetime.timedelta) -> int:

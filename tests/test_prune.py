@@ -277,6 +277,24 @@ async def test_two_workers_with_prune_after_prune_side_by_side(
     assert deleted == len(old)
 
 
+async def test_the_prune_duty_skips_its_turn_while_another_prune_holds_the_lock(
+    source: AsyncMQSource, make_worker: MakeWorker, db: Any
+) -> None:
+    old = await make_jobs(source, db, "completed", utcnow() - 2 * DAY, 3)
+    # What a worker's prune holds for its whole run (all batches): a session advisory lock.
+    assert await db.fetchval("SELECT pg_try_advisory_lock(hashtext('aiomq prune'))")
+    try:
+        await make_worker({"q": noop}, prune_after=DAY).run_until_idle()
+        assert await job_ids(db) == old, "pruned while another prune held the lock"
+    finally:
+        assert await db.fetchval("SELECT pg_advisory_unlock(hashtext('aiomq prune'))")
+    await make_worker({"q": noop}, prune_after=DAY).run_until_idle()
+    assert await job_ids(db) == []
+    # The lock is released when the prune ends.
+    assert await db.fetchval("SELECT pg_try_advisory_lock(hashtext('aiomq prune'))")
+    await db.execute("SELECT pg_advisory_unlock_all()")
+
+
 async def test_prune_after_must_be_a_positive_duration(make_worker: MakeWorker) -> None:
     for bad in (0, -1, 0.0, datetime.timedelta(0), -HOUR):
         with pytest.raises(ValueError, match="prune_after must be a positive duration"):

@@ -38,26 +38,7 @@ class ClaimStatements:
         #: only the first due job of each cursor among them (so one job per cursor). A claim
         #: race on one cursor between two workers surfaces as a unique violation on
         #: uq_mq_job_active_cursor_key, which the worker retries at once (the cursor is then busy).
-        # The ids as one array (``id = ANY(...)``): the generic plan then looks each one up in the primary
-        # key. A join with the CTE instead is planned for thousands of rows (an unknown LIMIT), as a merge
-        # join over the whole table's primary key: tens of milliseconds on a large backlog.
-        picked = self._picked(p, wanted)
-        ids = pg.ARRAY(sa.BigInteger)  # (a cast, or ANY would read the subquery as a set of arrays)
-        self.claim = (
-            job.update()
-            .where(
-                job.c.id == sa.any_(sa.cast(sa.select(sa.func.array_agg(picked.c.id)).scalar_subquery(), ids))
-            )
-            .values(
-                state=p.running,
-                lock_id=sa.bindparam("lock_id", type_=sa.Integer),
-                worker=sa.bindparam("name", type_=sa.Text),
-                start_time=sa.bindparam("now", type_=sa.DateTime),
-                cursor_snapshot=snapshot,
-            )
-            .returning(*self.claimed)
-        )
-
+        self.claim = self._claim(p, wanted, snapshot, self.claimed)
         #: The earliest time a job of ``queues`` becomes claimable (cursor not busy), or NULL.
         first_due = (
             sa.select(job.c.scheduled_time)
@@ -96,6 +77,29 @@ class ClaimStatements:
             sa.func.pg_try_advisory_lock(
                 sa.bindparam("lock_key", type_=sa.Integer), sa.bindparam("lock_id", type_=sa.Integer)
             )
+        )
+
+    @staticmethod
+    def _claim(p: Parts, wanted: Any, snapshot: Any, claimed: Sequence[Any]) -> Any:
+        job = p.job
+        # The ids as one array (``id = ANY(...)``): the generic plan then looks each one up in the primary
+        # key. A join with the CTE instead is planned for thousands of rows (an unknown LIMIT), as a merge
+        # join over the whole table's primary key: tens of milliseconds on a large backlog.
+        picked = ClaimStatements._picked(p, wanted)
+        ids = pg.ARRAY(sa.BigInteger)  # (a cast, or ANY would read the subquery as a set of arrays)
+        return (
+            job.update()
+            .where(
+                job.c.id == sa.any_(sa.cast(sa.select(sa.func.array_agg(picked.c.id)).scalar_subquery(), ids))
+            )
+            .values(
+                state=p.running,
+                lock_id=sa.bindparam("lock_id", type_=sa.Integer),
+                worker=sa.bindparam("name", type_=sa.Text),
+                start_time=sa.bindparam("now", type_=sa.DateTime),
+                cursor_snapshot=snapshot,
+            )
+            .returning(*claimed)
         )
 
     @staticmethod

@@ -57,5 +57,9 @@ class PruneStatements:
         self.count_batch = sa.select(
             *window, sa.func.count().filter(doomed(scanned)).label("deleted")
         ).select_from(scanned)
-        #: One pruner at a time among the workers (``prune_after``): a transaction-scoped try-lock.
-        self.try_prune_lock = sa.select(sa.func.pg_try_advisory_xact_lock(sa.func.hashtext("aiomq prune")))
+        #: One pruner at a time among the workers (``prune_after``): a session try-lock, held by a
+        #: connection of its own for the whole prune, and its release. (One bigint key: apart from the
+        #: two-integer keys of the workers' locks in pg_locks.)
+        key = sa.func.hashtext(sa.literal("aiomq prune", sa.Text))
+        self.try_prune_lock = sa.select(sa.func.pg_try_advisory_lock(key))
+        self.prune_unlock = sa.select(sa.func.pg_advisory_unlock(key))
