@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-__all__ = ["fetch_job"]
+__all__ = ["fetch_job", "wait_for"]
 
 
 async def fetch_job(db: Any, job_id: int) -> dict[str, Any]:
@@ -21,3 +24,11 @@ async def fetch_job(db: Any, job_id: int) -> dict[str, Any]:
         if out[column] is not None:
             out[column] = json.loads(out[column])
     return out
+
+
+async def wait_for(predicate: Callable[[], Awaitable[bool]], what: str, timeout: float = 5) -> None:
+    """Poll ``predicate`` until it is true; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)

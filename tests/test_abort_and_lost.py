@@ -17,17 +17,10 @@ from aiomq import AsyncMQSource, AsyncMQWorker, JobContext, Retry
 from aiomq.maintenance import marking_window
 
 from .conftest import Clock
-from .dbhelpers import fetch_job
+from .dbhelpers import fetch_job, wait_for
 
 MakeWorker = Callable[..., AsyncMQWorker]
 SEC = datetime.timedelta(seconds=1)
-
-
-async def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 5) -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 async def make_lost(db: Any, job_id: int, lost_at: datetime.datetime, worker: str = "gone.1") -> None:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -14,18 +13,12 @@ import pytest
 from aiomq import AsyncMQSource, AsyncMQWorker, JobContext
 
 from .conftest import Clock
+from .dbhelpers import wait_for
 
 MakeWorker = Callable[..., AsyncMQWorker]
 MINUTE = datetime.timedelta(minutes=1)
 HOUR = datetime.timedelta(hours=1)
 DAY = datetime.timedelta(days=1)
-
-
-async def wait_for(predicate: Callable[[], Awaitable[bool]], what: str, timeout: float = 5) -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 def utcnow() -> datetime.datetime:

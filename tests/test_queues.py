@@ -19,16 +19,10 @@ from aiomq import AsyncMQSource, AsyncMQWorker, FailedJobError, JobContext, Queu
 from aiomq.model import Model
 
 from .conftest import Clock
+from .dbhelpers import wait_for
 
 MakeWorker = Callable[..., AsyncMQWorker]
 SEC = datetime.timedelta(seconds=1)
-
-
-async def wait_for(predicate: Callable[[], Awaitable[bool]], what: str, timeout: float = 5) -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 class Runs:
