@@ -180,9 +180,8 @@ def _is_aiomq_extra(category: str, row: tuple[Any, ...]) -> bool:
     if category == "columns" and (row[0], row[2]) in AIOMQ_COLUMNS:
         return True
     if category == "constraints" and row[11] and all((row[0], c) in AIOMQ_COLUMNS for c in row[11]):
-        return bool(
-            row[2] == "n"
-        )  # PostgreSQL 18 lists NOT NULL as a constraint; no other on aiomq's columns
+        # PostgreSQL 18 lists NOT NULL as a constraint; no other on aiomq's columns
+        return bool(row[2] == "n")
     if category == "indexes":
         return bool(AIOMQ_EXTRA_INDEX.fullmatch(row[0])) or row[1].startswith(AIOMQ_TABLE_PREFIX)
     if category == "relations":
