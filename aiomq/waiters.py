@@ -3,6 +3,10 @@
 Workers send ``{"j": id, "s": state}`` on ``mq.job_finished`` in each finish transaction; a waiter also
 re-reads the job every ``poll_interval`` seconds, so jobs finished by psycopg2_mq workers (which send no
 such NOTIFY) and a lost connection cost latency, never a wrong answer.
+
+The connection opens with the first waiter and stays open for :data:`LINGER` seconds after the last one
+leaves, so a caller that waits for one job at a time (a test, a request handler) does not pay a new
+connection per wait; it closes when the engine is disposed.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import asyncpg
+import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .channels import FINISHED_CHANNEL, parse_finished
@@ -26,6 +31,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+#: Seconds the LISTEN connection stays open after its last waiter left.
+LINGER = 60.0
+
 
 class _Hub:
     """The shared connection of one engine on one event loop, opened on first use, closed with the last."""
@@ -36,9 +44,15 @@ class _Hub:
         self._users = 0
         self._watchers: dict[int, set[asyncio.Event]] = {}
         self._lock = asyncio.Lock()
+        self._closing: asyncio.TimerHandle | None = None
 
     async def enter(self) -> None:
         self._users += 1
+        if self._closing is not None:
+            self._closing.cancel()
+            self._closing = None
+        if self._conn is not None and not self._conn.is_closed():
+            return  # the common case: no lock, no round trip
         async with self._lock:
             if self._conn is not None and not self._conn.is_closed():
                 return
@@ -50,8 +64,17 @@ class _Hub:
                 return
             self._conn = conn
 
-    async def leave(self) -> None:
+    def leave(self) -> None:
         self._users -= 1
+        if self._users == 0 and self._conn is not None and self._closing is None:
+            self._closing = asyncio.get_running_loop().call_later(LINGER, self._close_idle)
+
+    def _close_idle(self) -> None:
+        self._closing = None
+        if self._users == 0:
+            asyncio.get_running_loop().create_task(self._close(), name="aiomq wait_for_job close")
+
+    async def _close(self) -> None:
         async with self._lock:
             if self._users > 0 or self._conn is None:
                 return
@@ -60,6 +83,18 @@ class _Hub:
                 await conn.close(timeout=5)
             except Exception:
                 conn.terminate()
+
+    def discard(self) -> None:
+        """The engine is disposed: drop the connection now (no await: called from the dispose)."""
+        if self._closing is not None:
+            self._closing.cancel()
+            self._closing = None
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            try:
+                conn.terminate()
+            except RuntimeError:  # its event loop is closed already: so is the connection's transport
+                log.debug("wait_for_job's connection went with its event loop")
 
     def watch(self, job_id: int) -> asyncio.Event:
         event = asyncio.Event()
@@ -88,11 +123,28 @@ _hubs: weakref.WeakKeyDictionary[AsyncEngine, dict[asyncio.AbstractEventLoop, _H
 )
 
 
+def _disposed(engine: AsyncEngine) -> Callable[[Any], None]:
+    ref = weakref.ref(engine)
+
+    def disposed(_: Any) -> None:
+        engine = ref()
+        for hub in (_hubs.pop(engine, {}) if engine is not None else {}).values():
+            hub.discard()
+
+    return disposed
+
+
+_watched: weakref.WeakSet[AsyncEngine] = weakref.WeakSet()
+
+
 def _hub(engine: AsyncEngine) -> _Hub:
     loop = asyncio.get_running_loop()
+    if engine not in _watched:
+        _watched.add(engine)
+        sa.event.listen(engine.sync_engine, "engine_disposed", _disposed(engine))
     per_loop = _hubs.setdefault(engine, {})
     for other in [lp for lp in per_loop if lp.is_closed()]:
-        del per_loop[other]
+        per_loop.pop(other).discard()
     hub = per_loop.get(loop)
     if hub is None:
         hub = per_loop[loop] = _Hub(libpq_dsn(engine.url))
@@ -130,4 +182,4 @@ async def wait_for_job(
     except TimeoutError:
         raise TimeoutError(f"job {job_id} did not finish within {timeout} seconds") from None
     finally:
-        await asyncio.shield(hub.leave())
+        hub.leave()

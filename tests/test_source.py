@@ -1437,7 +1437,40 @@ async def test_concurrent_waiters_share_one_listen_connection(source: AsyncMQSou
     assert [i.id for i in infos] == [j.id for j in jobs]
     assert {i.state for i in infos} == {"canceled"}
 
+    # Still open after the last waiter left (a caller waiting for one job at a time reuses it)...
+    await asyncio.sleep(0.2)
+    assert await _listen_connections(db) == 1
+
+
+async def test_one_wait_after_another_reuses_the_listen_connection_until_the_engine_is_disposed(
+    database: str, model: Model, db: Any
+) -> None:
+    engine = create_async_engine(sa.make_url(database).set(drivername="postgresql+asyncpg"))
+    source = AsyncMQSource(engine=engine, model=model)
+    try:
+        pids = set()
+
+        async def listening() -> bool:
+            return await _listen_connections(db) == 1
+
+        for _ in range(3):
+            job = await source.call("q", "m")
+            waiter = asyncio.create_task(source.wait_for_job(job.id, timeout=10, poll_interval=30))
+            await wait_until(listening)
+            pids.add(
+                await db.fetchval(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND query LIKE 'LISTEN %mq.job_finished%'"
+                )
+            )
+            await source.cancel_job(job.id)
+            assert (await asyncio.wait_for(waiter, 5)).state == "canceled"
+        assert len(pids) == 1, "a new LISTEN connection per wait"
+        assert await _listen_connections(db) == 1
+    finally:
+        await engine.dispose()
+
     async def no_listener() -> bool:
         return await _listen_connections(db) == 0
 
-    await wait_until(no_listener)  # closed when the last waiter left
+    await wait_until(no_listener)  # closed with the engine
