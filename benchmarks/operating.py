@@ -346,6 +346,7 @@ async def _explain_once(conn: Any, execute: str, mode: str) -> tuple[list[str], 
     await transaction.start()
     try:
         await conn.execute(f"SET LOCAL plan_cache_mode = {mode}")
+        await conn.execute("SET LOCAL jit = off")  # as on the worker's connection (aiomq/listener.py)
         plan = [r[0] for r in await conn.fetch(execute)]
         rows = await conn.fetch("SELECT priority FROM mq_job WHERE state = 'running' ORDER BY id")
         return plan, [r[0] for r in rows]
