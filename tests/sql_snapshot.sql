@@ -1,5 +1,5 @@
 -- claims.claim
-WITH accepted AS
+WITH locked AS
 (SELECT anon_1.id AS id, anon_1.cursor_key AS cursor_key, anon_1.priority AS priority, anon_1.scheduled_time AS scheduled_time, anon_1.created_time AS created_time, anon_1.id_1 AS id_1
 FROM (SELECT by_claim.id AS id, by_claim.cursor_key AS cursor_key, by_claim.priority AS priority, by_claim.scheduled_time AS scheduled_time, by_claim.created_time AS created_time, by_claim.id AS id_1
 FROM unnest(%(queues)s::TEXT[]) AS wanted(name) JOIN LATERAL (SELECT mq_job.id AS id, mq_job.cursor_key AS cursor_key, mq_job.priority AS priority, mq_job.scheduled_time AS scheduled_time, mq_job.created_time AS created_time, mq_job.id AS id__1
@@ -11,25 +11,25 @@ WHERE active.cursor_key = mq_job.cursor_key AND active.cursor_key IS NOT NULL AN
 WHERE anon_1.cursor_key IS NULL OR NOT (EXISTS (SELECT *
 FROM mq_job AS earlier
 WHERE earlier.cursor_key = anon_1.cursor_key AND earlier.state = 'pending' AND earlier.queue = ANY (%(queues)s::TEXT[]) AND earlier.scheduled_time <= %(now)s::TIMESTAMP WITHOUT TIME ZONE AND (earlier.scheduled_time, earlier.created_time, earlier.id) < (anon_1.scheduled_time, anon_1.created_time, anon_1.id)))),
-locked AS
+picked AS
 (SELECT candidates.id AS id
-FROM (SELECT accepted.id AS id, accepted.cursor_key AS cursor_key, accepted.priority AS priority, accepted.scheduled_time AS scheduled_time, accepted.created_time AS created_time, accepted.id_1 AS id_1
-FROM accepted UNION ALL SELECT anon_2.id AS id, anon_2.cursor_key AS cursor_key, anon_2.priority AS priority, anon_2.scheduled_time AS scheduled_time, anon_2.created_time AS created_time, anon_2.id_2 AS id_2
+FROM (SELECT locked.id AS id, locked.cursor_key AS cursor_key, locked.priority AS priority, locked.scheduled_time AS scheduled_time, locked.created_time AS created_time, locked.id_1 AS id_1
+FROM locked UNION ALL SELECT anon_2.id AS id, anon_2.cursor_key AS cursor_key, anon_2.priority AS priority, anon_2.scheduled_time AS scheduled_time, anon_2.created_time AS created_time, anon_2.id_2 AS id_2
 FROM (SELECT past_refused.id AS id, past_refused.cursor_key AS cursor_key, past_refused.priority AS priority, past_refused.scheduled_time AS scheduled_time, past_refused.created_time AS created_time, past_refused.id AS id_2
 FROM unnest(%(queues)s::TEXT[]) AS wanted(name) JOIN LATERAL (SELECT mq_job.id AS id, mq_job.cursor_key AS cursor_key, mq_job.priority AS priority, mq_job.scheduled_time AS scheduled_time, mq_job.created_time AS created_time, mq_job.id AS id__1
 FROM mq_job
 WHERE mq_job.state = 'pending' AND mq_job.queue = wanted.name AND mq_job.scheduled_time <= %(now)s::TIMESTAMP WITHOUT TIME ZONE AND NOT (EXISTS (SELECT *
 FROM mq_job AS active
-WHERE active.cursor_key = mq_job.cursor_key AND active.cursor_key IS NOT NULL AND active.state IN ('running', 'lost'))) AND NOT (EXISTS (SELECT accepted.id
-FROM accepted)) AND (mq_job.cursor_key IS NULL OR NOT (EXISTS (SELECT *
+WHERE active.cursor_key = mq_job.cursor_key AND active.cursor_key IS NOT NULL AND active.state IN ('running', 'lost'))) AND NOT (EXISTS (SELECT locked.id
+FROM locked)) AND (mq_job.cursor_key IS NULL OR NOT (EXISTS (SELECT *
 FROM mq_job AS earlier
 WHERE earlier.cursor_key = mq_job.cursor_key AND earlier.state = 'pending' AND earlier.queue = ANY (%(queues)s::TEXT[]) AND earlier.scheduled_time <= %(now)s::TIMESTAMP WITHOUT TIME ZONE AND (earlier.scheduled_time, earlier.created_time, earlier.id) < (mq_job.scheduled_time, mq_job.created_time, mq_job.id)))) ORDER BY mq_job.priority DESC, mq_job.scheduled_time, mq_job.created_time, mq_job.id
  LIMIT %(limit)s::INTEGER FOR UPDATE OF mq_job SKIP LOCKED) AS past_refused ON true) AS anon_2) AS candidates ORDER BY candidates.priority DESC, candidates.scheduled_time, candidates.created_time, candidates.id
  LIMIT %(limit)s::INTEGER)
  UPDATE mq_job SET start_time=%(now)s::TIMESTAMP WITHOUT TIME ZONE, state='running', cursor_snapshot=(SELECT mq_job_cursor.properties
 FROM mq_job_cursor
-WHERE mq_job_cursor.key = mq_job.cursor_key), lock_id=%(lock_id)s::INTEGER, worker=%(name)s::VARCHAR WHERE mq_job.id = ANY (CAST((SELECT array_agg(locked.id) AS array_agg_1
-FROM locked) AS BIGINT[])) RETURNING mq_job.id, mq_job.queue, mq_job.method, mq_job.args, mq_job.cursor_key, mq_job.cursor_snapshot, mq_job.trace, mq_job.scheduled_time, mq_job.created_time;
+WHERE mq_job_cursor.key = mq_job.cursor_key), lock_id=%(lock_id)s::INTEGER, worker=%(name)s::VARCHAR WHERE mq_job.id = ANY (CAST((SELECT array_agg(picked.id) AS array_agg_1
+FROM picked) AS BIGINT[])) RETURNING mq_job.id, mq_job.queue, mq_job.method, mq_job.args, mq_job.cursor_key, mq_job.cursor_snapshot, mq_job.trace, mq_job.scheduled_time, mq_job.created_time;
 
 -- claims.next_due
 SELECT min(first_due.scheduled_time) AS min_1

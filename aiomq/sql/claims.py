@@ -140,9 +140,10 @@ class ClaimStatements:
         # claim order, maybe fewer than ``limit``. With priorities, a cursor's later jobs may come first and
         # all be refused; only then (PostgreSQL skips the walk otherwise) a second walk refuses them as it
         # goes, so the claim still takes the best claimable jobs and makes progress. That walk reads past
-        # every refused job: give a cursor's jobs one priority to keep it short.
+        # every refused job: give a cursor's jobs one priority to keep it short. (The first CTE is named
+        # ``locked``: the SQL starts "WITH locked AS", which fault-injection hooks look for.)
         by_claim = walk(p.claim_order, sa.bindparam("limit", type_=sa.Integer), "by_claim").subquery()
-        accepted = sa.select(*by_claim.c).where(ClaimStatements._first_of_cursor(p, by_claim)).cte("accepted")
+        accepted = sa.select(*by_claim.c).where(ClaimStatements._first_of_cursor(p, by_claim)).cte("locked")
         candidates: Any = accepted
         if p.priority is not None:
             past = walk(
@@ -161,7 +162,7 @@ class ClaimStatements:
             sa.select(candidates.c.id)
             .order_by(*order)
             .limit(sa.bindparam("limit", type_=sa.Integer))
-            .cte("locked")
+            .cte("picked")
         )
 
     @staticmethod

@@ -136,9 +136,18 @@ class ChaosHandler:
                 job.cursor["last_job"] = job.id
         finally:  # also when the run failed or its timeout cancelled it: the run is over
             await started
-            await self.ledger.execute(
-                "UPDATE chaos_ledger SET ended = clock_timestamp() WHERE run_id = $1", run_id
+            # Shielded too: a timeout that falls while the end is written (a database restart makes the
+            # write wait) must not leave the run without its end; the cancellation goes on after it.
+            ended = asyncio.ensure_future(
+                self.ledger.execute(
+                    "UPDATE chaos_ledger SET ended = clock_timestamp() WHERE run_id = $1", run_id
+                )
             )
+            try:
+                await asyncio.shield(ended)
+            except asyncio.CancelledError:
+                await ended
+                raise
         return {"worker": self.name, "seen": seen}
 
 
