@@ -21,7 +21,7 @@ from . import channels, pruning, queues
 from .enqueue import Enqueuer, retry_call, validate_call, validate_call_item
 from .events import announce, emit_to_listeners
 from .model import Model, all_states, finished_states
-from .records import JobInfo, QueuedJob, check_queue_name, to_naive_utc, utcnow
+from .records import JobInfo, QueuedJob, to_naive_utc, utcnow
 from .registry import Registry
 from .retry import RETRIED_BY_KEY, Retry
 from .schema import schema_errors
@@ -313,13 +313,11 @@ class AsyncMQSource(Registry):
     async def pause_queue(self, queue: str, *, now: datetime.datetime | None = None) -> bool:
         """Stop aiomq workers claiming ``queue``'s jobs (running ones finish; enqueueing goes on) until
         :meth:`resume_queue`. Lasts across restarts. False if it was paused already."""
-        check_queue_name(queue)
         async with self._session() as session:
             return await queues.pause_queue(session, self._st, queue, self._now(now))
 
     async def resume_queue(self, queue: str) -> bool:
         """Let workers claim ``queue``'s jobs again, at once. False if it was not paused."""
-        check_queue_name(queue)
         async with self._session() as session:
             return await queues.resume_queue(session, self._st, queue, utcnow())
 

@@ -28,7 +28,7 @@ from aiomq.sql import statements
 from .common import QUEUE, Row, count_states, fresh_database, make_model, median, plain_dsn, preload
 from .harness import Context, Scenario, drain
 from .light import utcnow
-from .wakeup_latency import percentile
+from .wakeup_latency import summary
 
 __all__ = ["explain_claim", "load_jobs", "priority_backlog", "prune_latency", "queue_stats"]
 
@@ -101,14 +101,7 @@ async def load_jobs(
 
 
 def _summary(values: Sequence[float]) -> dict[str, float]:
-    ordered = list(values)
-    return {
-        "n": len(ordered),
-        "p50_ms": percentile(ordered, 50),
-        "p95_ms": percentile(ordered, 95),
-        "p99_ms": percentile(ordered, 99),
-        "max_ms": max(ordered),
-    }
+    return summary(values, count_key="n")
 
 
 # ------------------------------------------------------------------------------------------- 10. stats

@@ -23,7 +23,7 @@ from .harness import drains as _drains
 from .harness import median_rate as _rate
 from .harness import repeat as _repeat
 from .wakeup_latency import measure as aiomq_wakeup_latency
-from .wakeup_latency import percentile
+from .wakeup_latency import summary
 
 __all__ = ["BULK_VARIANTS", "SCENARIOS", "Context", "Scenario", "Sizes"]
 
@@ -369,17 +369,6 @@ async def memory(ctx: Context) -> Scenario:
 # ------------------------------------------------------------------------------------------- 7. latency
 
 
-def _summary(latencies: Sequence[float]) -> dict[str, float]:
-    values = list(latencies)
-    return {
-        "jobs": len(values),
-        "p50_ms": percentile(values, 50),
-        "p95_ms": percentile(values, 95),
-        "p99_ms": percentile(values, 99),
-        "max_ms": max(values),
-    }
-
-
 async def wakeup(ctx: Context) -> Scenario:
     jobs, spacing = ctx.sizes.latency_jobs, ctx.sizes.latency_spacing_ms / 1000
 
@@ -389,7 +378,7 @@ async def wakeup(ctx: Context) -> Scenario:
 
     async def raw_side() -> dict[str, float]:
         async with fresh_database(ctx.server) as url:
-            return _summary(await baseline.wakeup_latency(url, jobs, spacing))
+            return summary(await baseline.wakeup_latency(url, jobs, spacing))
 
     runs: dict[str, list[dict[str, float]]] = {"aiomq": [], "raw": []}
     for run in range(ctx.sizes.latency_runs):

@@ -18,7 +18,7 @@ import os
 import statistics
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import asyncpg
 import sqlalchemy as sa
@@ -51,6 +51,18 @@ async def scratch_database(url: str | None) -> AsyncIterator[str]:
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def summary(values: Sequence[float], count_key: str = "jobs") -> dict[str, float]:
+    """How many (under ``count_key``), p50, p95, p99 and max of latencies in milliseconds."""
+    ordered = list(values)
+    return {
+        count_key: len(ordered),
+        "p50_ms": percentile(ordered, 50),
+        "p95_ms": percentile(ordered, 95),
+        "p99_ms": percentile(ordered, 99),
+        "max_ms": max(ordered),
+    }
 
 
 async def measure(url: str, jobs: int, spacing: float) -> dict[str, float]:
