@@ -30,7 +30,7 @@ from typing import Any, NoReturn
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from . import __version__, cli_queues
+from . import __version__, cli_metrics, cli_queues
 from .dsn import DatabaseURL, check_connection, make_engine, one_line, parse_database_url, reason
 from .errors import CliError, SchemaMissingError, UsageError
 from .model import Model, all_states, make_default_model
@@ -183,6 +183,7 @@ def _add_worker(commands: Any) -> None:
     )
     worker.add_argument("--name", default=_env("name"), help="worker name (default host.pid; env AIOMQ_NAME)")
     _model_option(worker)
+    cli_metrics.add_options(worker)
     _common(worker, top=False)
     worker.set_defaults(func=_cmd_worker, default_log_level="INFO")
 
@@ -384,22 +385,25 @@ async def _worker(args: argparse.Namespace) -> int:
     # Claims and finishes each hold a pooled connection briefly; room for one per job in flight.
     engine = make_engine(db, pool_size=5, max_overflow=max(10, args.concurrency))
     try:
-        worker = AsyncMQWorker(  # validates the handlers and options before any connection
-            engine=engine,
-            queues=queues,
-            model=model,
-            concurrency=args.concurrency,
-            timeout=args.timeout,
-            name=args.name,
-            listener_dsn=db.dsn,
-            capture_signals=True,
-        )
-        # The worker retries an unreachable database for a minute and more; at start that is a mistake
-        # in the URL far more often than an outage, so say so at once. A missing schema never fixes itself.
-        await check_connection(engine, db)
-        async with engine.connect() as conn:
-            await check_schema(conn, model)
-        await worker.run()
+        async with cli_metrics.serving(args, engine, model) as hooks:  # with --metrics-port only
+            worker = AsyncMQWorker(  # validates the handlers and options before any connection
+                engine=engine,
+                queues=queues,
+                model=model,
+                concurrency=args.concurrency,
+                timeout=args.timeout,
+                name=args.name,
+                listener_dsn=db.dsn,
+                capture_signals=True,
+                hooks=hooks,
+            )
+            # The worker retries an unreachable database for a minute and more; at start that is a
+            # mistake in the URL far more often than an outage, so say so at once. A missing schema
+            # never fixes itself.
+            await check_connection(engine, db)
+            async with engine.connect() as conn:
+                await check_schema(conn, model)
+            await worker.run()
     finally:
         await engine.dispose()
     return 0

@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from . import channels
+from . import channels, tracing
 from .records import QueuedJob, check_queue_name, to_naive_utc, utcnow
 from .retry import RETRIED_BY_KEY, RETRY_KEY, TIMEOUT_KEY, Retry, as_retry, as_timeout
 from .serialize import MAX_KEY_BYTES, check_text, dump_json
@@ -219,6 +219,8 @@ def validate_call(
             raise ValueError(f"job_kwargs cannot set {key!r}: not a free column of the job table")
     if conflict_resolver is not None and not callable(conflict_resolver):
         raise TypeError("conflict_resolver must be callable")
+    if (traced := tracing.producer_trace(trace, queue, method)) is not trace:  # a valid call: its span
+        trace_json = dump_json(traced, "trace")
     return Call(
         queue=queue,
         method=method,
@@ -273,6 +275,7 @@ def retry_call(job: Any, now: datetime.datetime) -> Call:
     trace = copy.deepcopy(job.trace) if isinstance(job.trace, dict) else {}
     trace.pop(RETRIED_BY_KEY, None)  # the original's own retry is not this job's
     trace["mq_source_job_id"] = job.id
+    trace = tracing.producer_trace(trace, job.queue, job.method, "retry_job")
     return Call(
         queue=job.queue,
         method=job.method,

@@ -51,15 +51,18 @@ class Handler:
 
 class Outcome:
     """What a handler's run came to: the job's new ``state``, its ``result``, whether to save its cursor,
-    and whether a retry policy applies (the handler raised, or ran past its timeout)."""
+    whether a retry policy applies (the handler raised, or ran past its timeout), and whether it timed out."""
 
-    __slots__ = ("result", "retryable", "save_cursor", "state")
+    __slots__ = ("result", "retryable", "save_cursor", "state", "timed_out")
 
-    def __init__(self, state: str, result: Any, save_cursor: bool, *, retryable: bool = False) -> None:
+    def __init__(
+        self, state: str, result: Any, save_cursor: bool, *, retryable: bool = False, timed_out: bool = False
+    ) -> None:
         self.state = state
         self.result = result
         self.save_cursor = save_cursor
         self.retryable = retryable
+        self.timed_out = timed_out
 
 
 def check_middleware(middleware: Sequence[Any]) -> list[Middleware]:
@@ -135,7 +138,8 @@ class Executor:
             return self.aborted(job)
         error = TimeoutError(f"job {job.id} exceeded its timeout of {timeout:g} s").with_traceback(tb)
         log.error("job %s failed: %s", job.id, error)
-        return Outcome(self._states.FAILED, self._result_from_error(error), False, retryable=True)
+        result = self._result_from_error(error)
+        return Outcome(self._states.FAILED, result, False, retryable=True, timed_out=True)
 
     def _chain(self, job: JobContext, handler: Callable[[], Awaitable[Any]]) -> Awaitable[Any]:
         """The middleware around ``handler``, outermost first."""

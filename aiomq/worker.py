@@ -26,11 +26,12 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from . import channels, signals
+from . import channels, signals, tracing
 from .assembly import Callbacks, assemble
 from .dberrors import is_retryable
 from .dsn import libpq_dsn
-from .execution import Handler, Middleware, check_middleware
+from .execution import Handler, Middleware, Outcome, check_middleware
+from .hooks import JobHooks, hook_set
 from .link import prove_same_database
 from .listener import Listener
 from .model import Model
@@ -86,6 +87,7 @@ class AsyncMQWorker:
         job_timeout: float | datetime.timedelta | Mapping[str, float | datetime.timedelta] | None = None,
         middleware: Sequence[Middleware] = (),
         prune_after: float | datetime.timedelta | None = None,
+        hooks: Sequence[JobHooks] = (),
     ) -> None:
         if not isinstance(engine, AsyncEngine) or engine.dialect.driver != "asyncpg":
             raise ValueError(
@@ -118,6 +120,10 @@ class AsyncMQWorker:
         if not self.lost_grace >= 0:
             raise ValueError(f"lost_grace must be zero or more seconds, got {lost_grace!r}")
         self._middleware = check_middleware(middleware)
+        # Observers of every job (aiomq.hooks): tracing's when OpenTelemetry is importable, then the caller's.
+        self._hooks = hook_set([*tracing.worker_hooks(model.JobStates), *hooks])
+        if self._hooks is not None:
+            self._middleware = [*self._hooks.middleware, *self._middleware]
         self.prune_after = None if prune_after is None else datetime.timedelta(seconds=_seconds(prune_after))
         if self.prune_after is not None and self.prune_after <= datetime.timedelta():
             raise ValueError(f"prune_after must be a positive duration (or None), got {prune_after!r}")
@@ -426,6 +432,8 @@ class AsyncMQWorker:
         self._jobs[job.id] = job
         self._in_slot.add(job.id)
         self._tasks[job.id] = asyncio.create_task(self._run_job(job), name=f"aiomq job {job.id}")
+        if self._hooks is not None:
+            self._hooks.started(job, scheduled, now)
 
     async def _run_job(self, job: JobContext) -> None:
         handler = self.handlers[job.queue]
@@ -439,11 +447,13 @@ class AsyncMQWorker:
             task = asyncio.current_task()
             aborted = job.abort_requested and handler.is_async  # a sync job's cancel is always stop's
             if not aborted or task is None or task.uncancel() > 0:  # stop(timeout)
+                self._finished(job, None)
                 await asyncio.shield(self._recorder.abandon(job, sync=not handler.is_async))
                 self._forget(job.id)
                 raise
             outcome = self._executor.aborted(job)
         self._in_handler.pop(job.id, None)
+        self._finished(job, outcome)
         if job.abort_requested:
             task = asyncio.current_task()
             if task is not None and task.cancelling():  # the handler swallowed the abort's cancel
@@ -455,6 +465,10 @@ class AsyncMQWorker:
         finally:
             self._forget(job.id)
 
+    def _finished(self, job: JobContext, outcome: Outcome | None) -> None:
+        if self._hooks is not None:
+            self._hooks.finished(job, outcome)
+
     def _forget(self, job_id: int) -> None:
         self._settled += 1
         self._jobs.pop(job_id, None)
@@ -463,6 +477,8 @@ class AsyncMQWorker:
         self._wake()
 
     def _on_recorded(self, record: Record) -> None:
+        if self._hooks is not None:
+            self._hooks.recorded(record.job, record.state, record.retry_wait is not None)
         if record.job.cursor_key is not None:  # its cursor is free: its next job may be ours
             self._claimer.hint(self.clock())
             self._wake()
