@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime
 import logging
 from collections.abc import Iterable
+
 from .execution import Middleware, Outcome
 from .records import JobContext
 
