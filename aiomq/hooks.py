@@ -80,10 +80,12 @@ class HookSet:
                 log.exception("job hook %r failed in recorded() for job %s", hook, job.id)
 
 
-def hook_set(hooks: Iterable[JobHooks]) -> HookSet | None:
-    """The hooks as one, or None when there are none (the worker's zero-cost case)."""
+def hook_set(hooks: Iterable[JobHooks], *, first: Iterable[JobHooks] = ()) -> HookSet | None:
+    """aiomq's own hooks (``first``) and the caller's (``hooks``, checked) as one, or None when there are
+    none (the worker's zero-cost case)."""
     hooks = list(hooks)
     for i, hook in enumerate(hooks):
         if not isinstance(hook, JobHooks):
             raise TypeError(f"hooks[{i}] must be an aiomq.hooks.JobHooks, got {hook!r}")
-    return HookSet(hooks) if hooks else None
+    every = [*first, *hooks]
+    return HookSet(every) if every else None

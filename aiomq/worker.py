@@ -121,7 +121,7 @@ class AsyncMQWorker:
             raise ValueError(f"lost_grace must be zero or more seconds, got {lost_grace!r}")
         self._middleware = check_middleware(middleware)
         # Observers of every job (aiomq.hooks): tracing's when OpenTelemetry is importable, then the caller's.
-        self._hooks = hook_set([*tracing.worker_hooks(model.JobStates), *hooks])
+        self._hooks = hook_set(hooks, first=tracing.worker_hooks(model.JobStates))
         if self._hooks is not None:
             self._middleware = [*self._hooks.middleware, *self._middleware]
         self.prune_after = None if prune_after is None else datetime.timedelta(seconds=_seconds(prune_after))
