@@ -111,8 +111,8 @@ async def test_active_jobs_while_they_run(source: AsyncMQSource, make_worker: Ma
         await wait_for(lambda: _true(started == 3), "three jobs to start")
         assert registry.get_sample_value("aiomq_jobs_active", {"queue": "held"}) == 3
         release.set()
-        active = lambda: registry.get_sample_value("aiomq_jobs_active", {"queue": "held"})  # noqa: E731
-        await wait_for(lambda: _true(active() == 0), "the jobs to finish")
+        labels = {"queue": "held"}
+        await wait_for(lambda: _true(registry.get_sample_value("aiomq_jobs_active", labels) == 0), "the end")
 
 
 async def _true(value: bool) -> bool:
@@ -196,7 +196,7 @@ async def test_a_blocked_read_is_bounded_and_serves_the_last_values(
     assert blocked[("aiomq_queue_stats_errors_total", frozenset())] == 1
     assert by(blocked, "aiomq_queue_jobs", "queue", "state") == {("alpha", "pending_due"): 1}
     after = samples((await asyncio.to_thread(generate_latest, registry)).decode())
-    age = ("aiomq_queue_stats_age_seconds", frozenset())
+    age: tuple[str, frozenset[tuple[str, str]]] = ("aiomq_queue_stats_age_seconds", frozenset())
     assert after[("aiomq_queue_stats_errors_total", frozenset())] == 1
     assert after[age] < blocked[age]  # read afresh once the lock is gone
 
@@ -254,7 +254,7 @@ async def test_a_scrape_of_a_worker_shows_the_database_counts(
     (tmp_path / "metricjobs.py").write_text(textwrap.dedent(HANDLERS))
     env = cli_env(PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
     port = free_port()
-    calls = [
+    calls: list[dict[str, Any]] = [
         {"queue": "m_work", "method": "ok"},
         {"queue": "m_work", "method": "ok"},
         {"queue": "m_work", "method": "refuse", "args": {"refuse": True}},
