@@ -32,10 +32,10 @@ LAYERS: list[set[str]] = [
     {"registry", "outcomes", "scheduler"},
     {"source", "maintenance"},
     {"assembly", "metrics"},
-    {"worker", "cli_metrics"},
+    {"worker"},
     {"__init__"},
     {"testing", "demo", "output"},
-    {"cli_queues"},
+    {"cli_queues", "cli_metrics"},
     {"cli"},
     {"__main__"},
 ]
