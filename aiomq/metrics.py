@@ -231,7 +231,15 @@ class QueueCollector(Collector):
     ) -> None:
         self._engine = engine
         self._model = model
-        self._loop = loop or asyncio.get_running_loop()
+        if loop is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                raise RuntimeError(
+                    "QueueCollector reads the database on an event loop: create it in a coroutine on the "
+                    "loop your engine is used on, or pass loop="
+                ) from None
+        self._loop = loop
         self._wait = wait
         self._min_interval = min_interval
         self._statement_timeout = statement_timeout

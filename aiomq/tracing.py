@@ -69,6 +69,14 @@ class _Api:
         self._provider: Any = None
         self._tracer: Any = None
 
+    def idle(self) -> bool:
+        """No tracer provider is installed and no span is current: every span would be a no-op with
+        nothing to propagate, so none is made (the cost of having the API installed and unused)."""
+        return (
+            isinstance(self.trace.get_tracer_provider(), self.trace.ProxyTracerProvider)
+            and not self.trace.get_current_span().get_span_context().is_valid
+        )
+
     @property
     def tracer(self) -> Any:
         # The provider may be installed (or, in tests, replaced) after aiomq first traced: follow it.
@@ -97,7 +105,7 @@ def producer_trace(trace: Any, queue: str, method: str, operation: str = "call")
     """``trace`` with the context of a PRODUCER span for the new job under ``aiomq_otel`` (a copy), or
     ``trace`` itself when OpenTelemetry is absent, there is nothing to propagate, or it is not a dict."""
     api = _api()
-    if api is None or (trace is not None and not isinstance(trace, dict)):
+    if api is None or (trace is not None and not isinstance(trace, dict)) or api.idle():
         return trace
     previous = trace.get(OTEL_KEY) if trace else None
     span = api.tracer.start_span(
@@ -139,6 +147,8 @@ class _Consumer(JobHooks):
     async def _run(self, job: JobContext, call_next: Callable[[], Awaitable[Any]]) -> Any:
         api = self._api
         carrier = job.trace.get(OTEL_KEY) if isinstance(job.trace, dict) else None
+        if carrier is None and api.idle():
+            return await call_next()
         parent = api.propagator.extract(carrier) if isinstance(carrier, dict) else None
         span = api.tracer.start_span(
             f"process {job.queue}",

@@ -179,7 +179,7 @@ def _sides() -> dict[str, Callable[[], Any]]:
 async def _drain(engine: AsyncEngine, url: str, jobs: int, hooks: list[JobHooks]) -> float:
     conn = await asyncpg.connect(plain_dsn(url))
     try:
-        await conn.execute("TRUNCATE mq_job")
+        await conn.execute("TRUNCATE mq_job CASCADE")
     finally:
         await conn.close()
     await preload(url, jobs)
@@ -216,15 +216,17 @@ async def overhead(server: str, jobs: int, rounds: int = 5) -> dict[str, Any]:
     }
 
 
-def hooks_alone(count: int = 50_000) -> dict[str, float]:
+def hooks_alone(count: int = 20_000) -> dict[str, float]:
     """Microseconds per job of the hook points themselves (started, middleware, finished, recorded)."""
-    out = {}
+    best: dict[str, float] = {}
     now = datetime.datetime(2026, 1, 1)
-    for name, side in _sides().items():
-        with side() as extra:
-            hooks = hook_set(extra, first=tracing.worker_hooks(make_model()[1].JobStates))
-            out[name] = round(_time_hooks(hooks, count, now) / count * 1e6, 2)
-    return out
+    for _ in range(5):  # interleaved; the fastest of five: the least disturbed by a busy machine
+        for name, side in _sides().items():
+            with side() as extra:
+                hooks = hook_set(extra, first=tracing.worker_hooks(make_model()[1].JobStates))
+                took = _time_hooks(hooks, count, now) / count * 1e6
+                best[name] = min(best.get(name, took), took)
+    return {name: round(us, 2) for name, us in best.items()}
 
 
 def _time_hooks(hooks: Any, count: int, now: datetime.datetime) -> float:

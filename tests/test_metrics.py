@@ -174,6 +174,11 @@ async def test_queue_gauges_read_from_the_scrape_thread(
     assert by(on_loop, "aiomq_queue_jobs", "queue", "state")[("alpha", "pending_due")] == 3
 
 
+async def test_a_collector_needs_an_event_loop(engine: AsyncEngine, model: Model) -> None:
+    with pytest.raises(RuntimeError, match="QueueCollector reads the database on an event loop"):
+        await asyncio.to_thread(QueueCollector, engine, model)  # a thread with no loop, and no loop=
+
+
 async def test_a_blocked_read_is_bounded_and_serves_the_last_values(
     source: AsyncMQSource, engine: AsyncEngine, model: Model, database: str, caplog: pytest.LogCaptureFixture
 ) -> None:
