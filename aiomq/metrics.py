@@ -263,6 +263,8 @@ class QueueCollector(Collector):
             return reading
         if self._on_loop() or self._loop.is_closed():
             return reading
+        if self._pending is not None and self._pending.done():
+            self._pending = None  # a late read that ended after its scrape gave up: read afresh
         if self._pending is None:  # else the read a late scrape left running is still on its way
             coro = read_queue_stats(self._engine, self._model, statement_timeout=self._statement_timeout)
             self._pending = asyncio.run_coroutine_threadsafe(coro, self._loop)

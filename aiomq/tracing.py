@@ -12,18 +12,19 @@ cached ``None``.
   (the job id comes from the database later, so it carries no ``messaging.message.id``). The carrier is
   always W3C, whatever global propagator the application chose, because producer and consumer may be
   different processes with different settings, and the row outlives both. When there is nothing to
-  propagate (no provider and no current span), the trace is left as it was: rows look as in 0.1. A trace
+  propagate (no provider and no current span), no span is made and the trace is left as it was: rows
+  look as in 0.1. A trace
   that is not a dict (psycopg2_mq allows any JSON) is left alone. ``retry_job`` copies the original's
   trace: the new span is the caller's child, with a span link to the original job's producer span.
 - **Consumer.** The worker runs each job inside a CONSUMER span, ``process <queue>``, whose parent is the
-  context in the job's ``aiomq_otel`` (a job without one, such as one enqueued by psycopg2_mq, starts a
-  new trace). It is the current span while the handler and the worker's middleware run (in the handler's
-  thread too, for a sync handler), so the handler's own spans are its children. Attributes: OpenTelemetry's
-  messaging conventions (``messaging.system`` = ``"aiomq"``, ``messaging.operation.type`` = ``"process"``,
-  ``messaging.destination.name`` = the queue, ``messaging.message.id`` = the job id) and aiomq's own
-  (``aiomq.method``, ``aiomq.attempt``, and at the end ``aiomq.job.state``). An exception the handler
-  raised is recorded on the span with an error status; so is a timeout; an aborted job ends with an
-  ``aborted`` event and no error.
+  context in the job's ``aiomq_otel`` (a job without one, such as one enqueued by psycopg2_mq, starts a new
+  trace; with no provider either, no span is made). It is the current span while the handler and the
+  worker's middleware run (in the handler's thread too, for a sync handler), so the handler's own spans are
+  its children. Attributes: OpenTelemetry's messaging conventions (``messaging.system`` = ``"aiomq"``,
+  ``messaging.operation.type`` = ``"process"``, ``messaging.destination.name`` = the queue,
+  ``messaging.message.id`` = the job id) and aiomq's own (``aiomq.method``, ``aiomq.attempt``, and at the
+  end ``aiomq.job.state``). An exception the handler raised is recorded on the span with an error status; so
+  is a timeout; an aborted job ends with an ``aborted`` event and no error.
 - **Retries.** An automatic retry (DESIGN §7.1) copies its job's trace, ``aiomq_otel`` included, so every
   attempt's CONSUMER span is a child of the same producer span: one trace from ``call`` to the last run.
 

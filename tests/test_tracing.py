@@ -187,6 +187,27 @@ async def test_call_many_items_and_retry_job(
     assert parent_id(run) == retry_producer.context.span_id
 
 
+async def test_an_aborted_run_is_no_error(
+    spans: InMemorySpanExporter, source: AsyncMQSource, make_worker: MakeWorker
+) -> None:
+    started = asyncio.Event()
+
+    async def wait(job: JobContext) -> None:
+        started.set()
+        await asyncio.sleep(30)
+
+    job = await source.call("abort_q", "m")
+    async with make_worker({"abort_q": wait}):
+        await started.wait()
+        await source.abort_job(job.id)
+        assert (await source.wait_for_job(job.id, timeout=10)).state == "canceled"
+    (run,) = named(spans, "process abort_q")
+    assert run.status.status_code is StatusCode.UNSET
+    assert [e.name for e in run.events] == ["aborted"]
+    assert run.attributes is not None
+    assert run.attributes["aiomq.job.state"] == "canceled"
+
+
 async def test_a_job_without_a_context_starts_a_new_trace(
     spans: InMemorySpanExporter, source: AsyncMQSource, make_worker: MakeWorker, db: Any
 ) -> None:
