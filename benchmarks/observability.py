@@ -15,6 +15,13 @@ per-job overhead of the metrics hooks and of tracing in a worker.
   The overhead per job is the difference of the median drain times over the jobs; on a shared 2-core
   machine only differences well above the spread mean anything. The hooks alone, without a database, are
   also timed in a loop: that figure is the precise one.
+
+Measured 2026-12-07 on the shared 2-core machine (load average 6-7, other work running; PostgreSQL 15 on
+loopback): 1,010,040 jobs, ``read_queue_stats`` p50 5.6 ms (p95 9.6), a whole scrape from a thread p50
+7.6 ms (p95 10.8). Hooks alone, per job, fastest of five: none 1.3 us, WorkerMetrics 10.5 us, tracing
+without a provider 6.3 us, tracing with the SDK's provider 60 us (the SDK's span objects). The drains
+(3,000 jobs, about 860 jobs/s on that machine) could not tell the metrics hooks from none: medians 3.47 s
+and 3.53 s, with runs of each spread from 2.6 to 5.9 s.
 """
 
 from __future__ import annotations
