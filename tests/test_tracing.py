@@ -31,7 +31,7 @@ MakeWorker = Callable[..., AsyncMQWorker]
 def spans() -> Iterator[InMemorySpanExporter]:
     """A tracer provider exporting to memory, installed as the global one for this test only."""
     exporter = InMemorySpanExporter()
-    provider = TracerProvider()
+    provider = TracerProvider(shutdown_on_exit=False)
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     saved = trace._TRACER_PROVIDER_SET_ONCE, trace._TRACER_PROVIDER
     # The API sets its global provider once per process; tests put it back as it was.
