@@ -27,10 +27,15 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from aiomq import AsyncMQSource, AsyncMQWorker, JobContext, make_default_model
 from aiomq.channels import FINISHED_CHANNEL, parse_finished
 
+from .common import Row, fresh_database
+from .harness import Context, Scenario
 from .light import QUEUE, plain_dsn
 from .wakeup_latency import scratch_database, summary
 
-__all__ = ["measure"]
+__all__ = ["await_latency", "measure"]
+
+#: Waiters at once in the concurrent half.
+BATCH = 50
 
 
 class _Clock:
@@ -73,7 +78,7 @@ async def measure(url: str, jobs: int, batch: int) -> dict[str, dict[str, list[f
     model = make_default_model(metadata)
     engine = create_async_engine(url, pool_size=max(10, batch), max_overflow=10)
     async with engine.begin() as conn:
-        await conn.run_sync(metadata.create_all)
+        await conn.run_sync(metadata.create_all)  # a no-op on a database that has the schema
 
     async def noop(job: JobContext) -> None:
         return None
@@ -107,6 +112,36 @@ def report(figures: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, di
     return {
         mode: {name: summary(values) for name, values in series.items()} for mode, series in figures.items()
     }
+
+
+async def await_latency(ctx: Context) -> Scenario:
+    jobs = ctx.sizes.latency_jobs
+    async with fresh_database(ctx.server) as url:
+        result = report(await measure(url, jobs, BATCH))
+    rows = []
+    for mode, series in result.items():
+        aiomq, notify = series["call_to_return_ms"], series["call_to_notify_ms"]
+        after = series["after_notify_ms"]
+        ctx.log(f"{mode}: wait_for_job returns {after['p50_ms']:.2f} ms (p50) after the NOTIFY arrives")
+        for p in ("p50", "p99"):
+            rows.append(
+                Row(
+                    "13 await a job",
+                    f"{mode}: call -> wait_for_job returns, {p}",
+                    "ms",
+                    aiomq[f"{p}_ms"],
+                    "call -> its finish NOTIFY arrives (asyncpg LISTEN)",
+                    notify[f"{p}_ms"],
+                    f"{after[f'{p}_ms']:.2f} ms after the NOTIFY",
+                )
+            )
+    return Scenario(
+        "await_latency",
+        f"awaiting jobs: {jobs} one at a time, then {jobs} in batches of {BATCH} at once",
+        {"jobs": jobs, "batch": BATCH},
+        result,
+        rows,
+    )
 
 
 def _print(result: dict[str, dict[str, dict[str, float]]], keys: Sequence[str]) -> None:
