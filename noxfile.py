@@ -29,7 +29,7 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    session.install("-e", ".[embedded]")
+    session.install("-e", ".[bench]")
     session.run("python", "-m", "benchmarks", *session.posargs)
 
 

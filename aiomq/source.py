@@ -15,9 +15,11 @@ import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
 
+from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from . import channels, pruning, queues
+from .compiled import Compiled
 from .enqueue import Enqueuer, retry_call, validate_call, validate_call_item
 from .events import announce, emit_to_listeners
 from .model import Model, all_states, finished_states
@@ -27,7 +29,7 @@ from .retry import RETRIED_BY_KEY, Retry
 from .schema import schema_errors
 from .serialize import dump_json
 from .sql import statements
-from .waiters import wait_for_job
+from .waiters import HubRead, wait_for_job
 
 __all__ = ["AsyncMQSource"]
 
@@ -406,6 +408,7 @@ class AsyncMQSource(Registry):
                     lambda info: info.state in done,
                     timeout=left,
                     poll_interval=poll_interval,
+                    hub_read=_hub_read(self.model, self._bound_engine().dialect),
                 )
             except TimeoutError:
                 raise TimeoutError(f"job {job_id} did not finish within {timeout} seconds") from None
@@ -421,3 +424,15 @@ class AsyncMQSource(Registry):
             if trace.get("mq_source_job_id") != job_id:  # not this job's retry: a stale key, copied
                 return info
             job_id = retried_by
+
+
+@functools.lru_cache(maxsize=64)
+def _hub_read(model: Model, dialect: Dialect) -> HubRead[JobInfo]:
+    """``wait_for_job``'s batched read of ``model``'s jobs, compiled once per model and dialect (one
+    object, so reads of every source on the model share a batch)."""
+    compiled = Compiled(statements(model).lookups.jobs_info, dialect)
+    return HubRead(compiled.sql, _info_from_record)
+
+
+def _info_from_record(record: Any) -> JobInfo:
+    return JobInfo(**record)

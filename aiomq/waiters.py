@@ -7,16 +7,23 @@ such NOTIFY) and a lost connection cost latency, never a wrong answer.
 The connection opens with the first waiter and stays open for :data:`LINGER` seconds after the last one
 leaves, so a caller that waits for one job at a time (a test, a request handler) does not pay a new
 connection per wait; it closes when the engine is disposed.
+
+Waiters read their jobs on that same connection too, in batches: every read asked for while one runs goes
+into the next single ``id = ANY($1)`` query. Fifty waiters woken by one burst of NOTIFYs then cost one
+round trip rather than fifty pool checkouts and transactions. Without the connection (LISTEN failed, or
+it dropped) waiters read through the engine's pool as before.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import logging
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import asyncpg
 import sqlalchemy as sa
@@ -25,7 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from .channels import FINISHED_CHANNEL, parse_finished
 from .dsn import libpq_dsn
 
-__all__ = ["wait_for_job"]
+__all__ = ["HubRead", "wait_for_job"]
 
 log = logging.getLogger(__name__)
 
@@ -34,30 +41,68 @@ T = TypeVar("T")
 #: Seconds the LISTEN connection stays open after its last waiter left.
 LINGER = 60.0
 
+#: The ``application_name`` of the shared connection, as ``pg_stat_activity`` shows it.
+APPLICATION_NAME = "aiomq wait_for_job"
+
+#: A batched read that could not run (the connection broke): the waiter reads through the pool instead.
+_FAILED: Any = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class HubRead(Generic[T]):
+    """How to read waited-for jobs on the hub's connection: ``sql`` takes one ``bigint[]`` of ids and
+    returns rows with an ``id`` column; ``convert`` makes a row what the waiter returns."""
+
+    sql: str
+    convert: Callable[[Any], T]
+
+
+class _Watch:
+    """One waiter's job: set when its NOTIFY arrives."""
+
+    __slots__ = ("job_id", "notified")
+
+    def __init__(self, job_id: int) -> None:
+        self.job_id = job_id
+        self.notified = asyncio.Event()
+
 
 class _Hub:
     """The shared connection of one engine on one event loop, opened on first use, closed with the last."""
 
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, json_deserializer: Callable[[str], Any]) -> None:
         self._dsn = dsn
+        self._json_deserializer = json_deserializer
         self._conn: Any = None
         self._users = 0
-        self._watchers: dict[int, set[asyncio.Event]] = {}
+        self._watches: dict[int, set[_Watch]] = {}
         self._lock = asyncio.Lock()
         self._closing: asyncio.TimerHandle | None = None
+        self._wanted: dict[HubRead[Any], dict[int, list[asyncio.Future[Any]]]] = {}
+        self._reader: asyncio.Task[None] | None = None
 
     async def enter(self) -> None:
         self._users += 1
         if self._closing is not None:
             self._closing.cancel()
             self._closing = None
+        await self.ensure()
+
+    async def ensure(self) -> None:
+        """Connect and LISTEN unless connected (again, after the connection broke)."""
         if self._conn is not None and not self._conn.is_closed():
             return  # the common case: no lock, no round trip
         async with self._lock:
             if self._conn is not None and not self._conn.is_closed():
                 return
             try:
-                conn = await asyncpg.connect(self._dsn, timeout=10)
+                conn = await asyncpg.connect(
+                    self._dsn, timeout=10, server_settings={"application_name": APPLICATION_NAME}
+                )
+                for type_name in ("json", "jsonb"):  # decoded as the engine decodes them
+                    await conn.set_type_codec(
+                        type_name, encoder=str, decoder=self._json_deserializer, schema="pg_catalog"
+                    )
                 await conn.add_listener(FINISHED_CHANNEL, self._notified)
             except Exception as ex:  # waiting still works by polling
                 log.warning("wait_for_job cannot LISTEN (%s); polling instead", ex)
@@ -78,6 +123,8 @@ class _Hub:
         async with self._lock:
             if self._users > 0 or self._conn is None:
                 return
+            if self._reader is not None:  # a read for a waiter that left; let it end first
+                await asyncio.wait([self._reader])
             conn, self._conn = self._conn, None
             try:
                 await conn.close(timeout=5)
@@ -96,17 +143,17 @@ class _Hub:
             except RuntimeError:  # its event loop is closed already: so is the connection's transport
                 log.debug("wait_for_job's connection went with its event loop")
 
-    def watch(self, job_id: int) -> asyncio.Event:
-        event = asyncio.Event()
-        self._watchers.setdefault(job_id, set()).add(event)
-        return event
+    def watch(self, job_id: int) -> _Watch:
+        watch = _Watch(job_id)
+        self._watches.setdefault(job_id, set()).add(watch)
+        return watch
 
-    def unwatch(self, job_id: int, event: asyncio.Event) -> None:
-        events = self._watchers.get(job_id)
-        if events is not None:
-            events.discard(event)
-            if not events:
-                del self._watchers[job_id]
+    def unwatch(self, watch: _Watch) -> None:
+        watches = self._watches.get(watch.job_id)
+        if watches is not None:
+            watches.discard(watch)
+            if not watches:
+                del self._watches[watch.job_id]
 
     def _notified(self, conn: Any, pid: int, channel: str, payload: str) -> None:
         try:
@@ -114,8 +161,36 @@ class _Hub:
         except ValueError:
             log.debug("ignoring malformed %s payload %r", channel, payload)
             return
-        for event in self._watchers.get(note.job_id, ()):
-            event.set()
+        for watch in self._watches.get(note.job_id, ()):
+            watch.notified.set()
+
+    async def read(self, how: HubRead[T], job_id: int) -> T | None:
+        """The job read on this connection, batched with the other waiters' reads; None when no committed
+        job has the id. ``_FAILED`` when there is no connection to read on."""
+        if self._conn is None or self._conn.is_closed():
+            return _FAILED  # type: ignore[no-any-return]
+        future: asyncio.Future[T | None] = asyncio.get_running_loop().create_future()
+        self._wanted.setdefault(how, {}).setdefault(job_id, []).append(future)
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.get_running_loop().create_task(self._read_all(), name="aiomq waiters read")
+        return await future
+
+    async def _read_all(self) -> None:
+        while self._wanted:
+            batch, self._wanted = self._wanted, {}
+            for how, wanted in batch.items():
+                try:
+                    rows = await self._conn.fetch(how.sql, list(wanted))
+                    found = {row["id"]: how.convert(row) for row in rows}
+                except Exception as ex:  # the waiters read through the pool instead
+                    log.debug("wait_for_job's read failed (%s); reading through the pool", ex)
+                    found, missing = {}, _FAILED
+                else:
+                    missing = None
+                for job_id, futures in wanted.items():
+                    for future in futures:
+                        if not future.done():
+                            future.set_result(found.get(job_id, missing))
 
 
 _hubs: weakref.WeakKeyDictionary[AsyncEngine, dict[asyncio.AbstractEventLoop, _Hub]] = (
@@ -147,7 +222,8 @@ def _hub(engine: AsyncEngine) -> _Hub:
         per_loop.pop(other).discard()
     hub = per_loop.get(loop)
     if hub is None:
-        hub = per_loop[loop] = _Hub(libpq_dsn(engine.url))
+        deserializer = getattr(engine.dialect, "_json_deserializer", None) or json.loads
+        hub = per_loop[loop] = _Hub(libpq_dsn(engine.url), deserializer)
     return hub
 
 
@@ -159,27 +235,32 @@ async def wait_for_job(
     *,
     timeout: float | None,
     poll_interval: float,
+    hub_read: HubRead[T] | None = None,
 ) -> T:
+    """Read the job (``hub_read`` on the shared connection when it is up, else ``read``) until
+    ``is_done``; re-read on its finish NOTIFY and every ``poll_interval`` seconds."""
     if poll_interval <= 0:
         raise ValueError(f"poll_interval must be positive, got {poll_interval!r}")
     hub = _hub(engine)
     await hub.enter()
+    watch = hub.watch(job_id)
+    info: T | None
     try:
         async with asyncio.timeout(timeout):
             while True:
-                # Watch before reading, so a NOTIFY sent between the read and the wait is not missed.
-                event = hub.watch(job_id)
-                try:
-                    info = await read()
-                    if info is None:
-                        raise LookupError("cannot find job (commit before waiting)", job_id)
-                    if is_done(info):
-                        return info
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(event.wait(), poll_interval)
-                finally:
-                    hub.unwatch(job_id, event)
+                # Cleared before reading, so a NOTIFY that arrives during the read is not missed.
+                watch.notified.clear()
+                await hub.ensure()
+                got: Any = _FAILED if hub_read is None else await hub.read(hub_read, job_id)
+                info = await read() if got is _FAILED else got  # _FAILED: no shared connection to read on
+                if info is None:
+                    raise LookupError("cannot find job (commit before waiting)", job_id)
+                if is_done(info):
+                    return info
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(watch.notified.wait(), poll_interval)
     except TimeoutError:
         raise TimeoutError(f"job {job_id} did not finish within {timeout} seconds") from None
     finally:
+        hub.unwatch(watch)
         hub.leave()

@@ -17,6 +17,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from aiomq import AsyncMQSource
 
 from . import baseline, operating
+from .await_path import await_latency
+from .web_path import web_path
 from .common import QUEUE, SYNC_QUEUE, Row, fresh_database, make_model, median
 from .harness import Context, Scenario, Sizes
 from .harness import drains as _drains
@@ -423,4 +425,6 @@ SCENARIOS: dict[str, tuple[int, Callable[[Context], Awaitable[Scenario]], tuple[
     "queue_stats": (10, operating.queue_stats, ()),
     "prune_latency": (11, operating.prune_latency, ()),
     "priority_backlog": (12, operating.priority_backlog, ()),
+    "await_latency": (13, await_latency, ()),
+    "web_path": (14, web_path, ()),
 }

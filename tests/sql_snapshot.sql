@@ -217,6 +217,11 @@ SELECT mq_job.id, mq_job.queue, mq_job.method, mq_job.args, mq_job.state, mq_job
 FROM mq_job
 WHERE mq_job.id = %(job_id)s::BIGINT;
 
+-- lookups.jobs_info
+SELECT mq_job.id AS id, mq_job.queue AS queue, mq_job.method AS method, mq_job.args AS args, mq_job.state AS state, mq_job.result AS result, mq_job.cursor_key AS cursor_key, mq_job.created_time AS created_time, mq_job.scheduled_time AS scheduled_time, mq_job.start_time AS start_time, mq_job.end_time AS end_time, mq_job.worker AS worker, mq_job.trace AS trace
+FROM mq_job
+WHERE mq_job.id = ANY (%(job_ids)s::BIGINT[]);
+
 -- lookups.cursor_properties
 SELECT mq_job_cursor.properties
 FROM mq_job_cursor

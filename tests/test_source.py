@@ -1326,7 +1326,7 @@ async def test_fail_lost_job_missing_is_a_lookup_error(source: AsyncMQSource) ->
 async def _listen_connections(db: Any) -> int:
     n: int = await db.fetchval(
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-        " AND query LIKE 'LISTEN %mq.job_finished%' AND pid <> pg_backend_pid()"
+        " AND application_name = 'aiomq wait_for_job' AND pid <> pg_backend_pid()"
     )
     return n
 
@@ -1442,6 +1442,57 @@ async def test_concurrent_waiters_share_one_listen_connection(source: AsyncMQSou
     assert await _listen_connections(db) == 1
 
 
+async def test_woken_waiters_read_their_jobs_on_the_shared_connection_not_the_pool(
+    database: str, model: Model, db: Any
+) -> None:
+    engine = create_async_engine(sa.make_url(database).set(drivername="postgresql+asyncpg"))
+    source = AsyncMQSource(engine=engine, model=model)
+    checkouts: list[object] = []
+    try:
+        jobs = [await source.call("q", "m", {"i": i}) for i in range(20)]
+        sa.event.listen(engine.sync_engine, "checkout", lambda *a: checkouts.append(a))
+        waiters = [asyncio.create_task(source.wait_for_job(j.id, timeout=10, poll_interval=30)) for j in jobs]
+        await asyncio.sleep(0.3)
+        assert not any(w.done() for w in waiters)
+        # Finished as a worker would finish them: one transaction, a NOTIFY per job.
+        async with db.transaction():
+            for job in jobs:
+                await put_in_state(db, job.id, "completed", end_time=T0)
+                await db.execute(
+                    "SELECT pg_notify('mq.job_finished', $1)", json.dumps({"j": job.id, "s": "completed"})
+                )
+        infos = await asyncio.wait_for(asyncio.gather(*waiters), 5)
+        assert [(i.id, i.state, i.end_time, i.args) for i in infos] == [
+            (j.id, "completed", T0, {"i": n}) for n, j in enumerate(jobs)
+        ]
+        assert checkouts == [], "a waiter read its job through the engine's pool"
+        with pytest.raises(LookupError):  # the shared connection's read tells a missing job too
+            await source.wait_for_job(424242, timeout=2)
+        assert checkouts == []
+    finally:
+        await engine.dispose()
+
+
+async def test_waiting_survives_the_shared_connection_being_killed(source: AsyncMQSource, db: Any) -> None:
+    async def listening() -> bool:
+        return await _listen_connections(db) == 1
+
+    first = await source.call("q", "m")
+    waiter = asyncio.create_task(source.wait_for_job(first.id, timeout=10, poll_interval=0.1))
+    await wait_until(listening)
+    await db.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND application_name = 'aiomq wait_for_job'"
+    )
+    await source.cancel_job(first.id)  # its NOTIFY is lost with the connection: the poll finds it
+    assert (await asyncio.wait_for(waiter, 5)).state == "canceled"
+    second = await source.call("q", "m")  # a new wait opens a new connection
+    waiter = asyncio.create_task(source.wait_for_job(second.id, timeout=10, poll_interval=30))
+    await wait_until(listening)
+    await source.cancel_job(second.id)
+    assert (await asyncio.wait_for(waiter, 5)).state == "canceled"
+
+
 async def test_one_wait_after_another_reuses_the_listen_connection_until_the_engine_is_disposed(
     database: str, model: Model, db: Any
 ) -> None:
@@ -1460,7 +1511,7 @@ async def test_one_wait_after_another_reuses_the_listen_connection_until_the_eng
             pids.add(
                 await db.fetchval(
                     "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
-                    " AND query LIKE 'LISTEN %mq.job_finished%'"
+                    " AND application_name = 'aiomq wait_for_job'"
                 )
             )
             await source.cancel_job(job.id)

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql as pg
 
 from ..records import JobInfo
 from .parts import Parts
@@ -24,6 +25,11 @@ class LookupStatements:
         #: One job's ``JobInfo`` columns (``job_id``).
         self.job_info = sa.select(*self._info_columns).where(
             job.c.id == sa.bindparam("job_id", type_=sa.BigInteger)
+        )
+        #: Jobs' ``JobInfo`` columns, labelled by field (``job_ids``, an array): ``wait_for_job``'s batched
+        #: read on its own connection.
+        self.jobs_info = sa.select(*(job.c[f.name].label(f.name) for f in dataclasses.fields(JobInfo))).where(
+            job.c.id == sa.any_(sa.bindparam("job_ids", type_=pg.ARRAY(sa.BigInteger)))
         )
         cursor = p.cursor
         #: A cursor's saved properties (``key``).
