@@ -18,7 +18,6 @@ from aiomq import AsyncMQSource
 
 from . import baseline, operating
 from .await_path import await_latency
-from .web_path import web_path
 from .common import QUEUE, SYNC_QUEUE, Row, fresh_database, make_model, median
 from .harness import Context, Scenario, Sizes
 from .harness import drains as _drains
@@ -26,6 +25,7 @@ from .harness import median_rate as _rate
 from .harness import repeat as _repeat
 from .wakeup_latency import measure as aiomq_wakeup_latency
 from .wakeup_latency import summary
+from .web_path import web_path
 
 __all__ = ["BULK_VARIANTS", "SCENARIOS", "Context", "Scenario", "Sizes"]
 
