@@ -182,14 +182,13 @@ class Reader:
             rows = list((await conn.execute(stmt.limit(limit + 1))).all())
         more = len(rows) > limit
         rows = rows[:limit]
-        if after is not None:
+        if after is not None:  # fetched oldest first: shown newest first, "Older" always leads back
             rows.reverse()
-            newer = rows[0].id if more and rows else None
-            older = rows[-1].id if rows else after + 1
-            return Page(rows, older=older, newer=newer)
-        older = rows[-1].id if more else None
-        newer = rows[0].id if before is not None and rows else (before - 1 if before is not None else None)
-        return Page(rows, older=older, newer=newer)
+            return Page(rows, older=rows[-1].id if rows else after + 1, newer=rows[0].id if more else None)
+        if before is None:  # the first page: nothing is newer
+            return Page(rows, older=rows[-1].id if more else None)
+        # "Newer" shows the jobs above this page (or, on an empty page, from ``before`` up).
+        return Page(rows, older=rows[-1].id if more else None, newer=rows[0].id if rows else before - 1)
 
     async def job(self, job_id: int) -> tuple[Any, Any, bool, list[Any]] | None:
         """A job's row in full, its cursor's saved properties, whether an abort is requested, and its
