@@ -52,8 +52,9 @@ class LiveUpdates:
         self._subscribers: set[asyncio.Event] = set()
         self._task: asyncio.Task[None] | None = None
         self._flush: asyncio.TimerHandle | None = None
-        self._last_flush = 0.0
-        self.notifications = 0  # NOTIFYs heard; for tests and the curious
+        self._last_flush = float("-inf")  # the first refresh goes at once
+        self.notifications = 0  # NOTIFYs heard, and refreshes sent: for tests and the curious
+        self.refreshes = 0
         self._was_connected = False
 
     @contextlib.asynccontextmanager
@@ -95,6 +96,7 @@ class LiveUpdates:
     def _broadcast(self) -> None:
         self._flush = None
         self._last_flush = asyncio.get_running_loop().time()
+        self.refreshes += 1
         for event in self._subscribers:
             event.set()
 
@@ -104,8 +106,8 @@ class LiveUpdates:
             try:
                 await self._listen_until_lost()
                 attempt = 0
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as ex:
-                log.warning("dashboard LISTEN connection failed (%s); retrying", ex)
+            except Exception as ex:  # the pages still work; they only stop refreshing by themselves
+                log.warning("dashboard LISTEN connection failed (%s: %s); retrying", type(ex).__name__, ex)
             await asyncio.sleep(BACKOFF[min(attempt, len(BACKOFF) - 1)])
             attempt += 1
 
