@@ -394,7 +394,7 @@ async def test_cursors_schedules_listeners_lost_and_workers(
 
 async def test_mounted_under_a_prefix(engine: AsyncEngine, model: Model, source: AsyncMQSource) -> None:
     job = await source.call("mounted", "m", {})
-    outer = Starlette(routes=[Mount("/mq", create_app(engine, model, live_interval=None))])
+    outer = Starlette(routes=[Mount("/mq", create_app(engine, model))])
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=outer), base_url="http://testserver"
     ) as client:
@@ -403,6 +403,10 @@ async def test_mounted_under_a_prefix(engine: AsyncEngine, model: Model, source:
         assert 'href="/mq/jobs?queue=mounted"' in page.text
         assert 'src="/mq/static/htmx.min.js"' in page.text
         assert "path=/mq" in page.headers["set-cookie"].lower()
+        assert 'hx-get="/mq/"' in page.text
+        assert 'data-events="/mq/events"' in page.text
+        job_page = await client.get(f"/mq/jobs/{job.id}?notice=x")
+        assert f'hx-get="/mq/jobs/{job.id}?notice=x"' in job_page.text
         assert (await client.get("/mq/static/htmx.min.js")).status_code == 200
         csrf = client.cookies[CSRF_COOKIE]
         response = await client.post(f"/mq/jobs/{job.id}/cancel", data={CSRF_FIELD: csrf})

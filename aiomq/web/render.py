@@ -59,6 +59,14 @@ def _age(value: datetime.timedelta | None) -> str:
     return f"{s // 86400}d {s % 86400 // 3600}h"
 
 
+def _here(request: Request, prefix: str) -> str:
+    """This page's path and query, inside the app (a mounted app's scope path includes its prefix)."""
+    path = request.url.path
+    if prefix and path.startswith(prefix):
+        path = path[len(prefix) :] or "/"
+    return path + (f"?{request.url.query}" if request.url.query else "")
+
+
 def describe_error(ex: BaseException) -> str:
     """``RuntimeError("job is not in a valid state", 5, "completed")`` as one readable sentence."""
     if not ex.args:
@@ -106,7 +114,7 @@ class Dashboard:
         html = self.env.get_template(template).render(
             request=request,
             url=url,
-            here=str(request.url.path) + (f"?{request.url.query}" if request.url.query else ""),
+            here=_here(request, prefix),
             csrf_token=token,
             csrf_field=security.CSRF_FIELD,
             read_only=self.read_only,
