@@ -13,6 +13,7 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 import sqlalchemy as sa
@@ -433,6 +434,21 @@ async def test_queries_are_bounded(engine: AsyncEngine, model: Model) -> None:
         assert await conn.scalar(sa.text("SHOW transaction_read_only")) == "on"
     async with engine.connect() as conn:  # LOCAL: nothing leaks into the pool's connections
         assert await conn.scalar(sa.text("SHOW statement_timeout")) == "0"
+
+
+async def test_a_query_past_its_timeout_is_a_page(engine: AsyncEngine, model: Model, database: str) -> None:
+    app = create_app(engine, model, statement_timeout=0.2, live_interval=None)
+    blocker = await asyncpg.connect(database)
+    try:
+        async with blocker.transaction():
+            await blocker.execute("LOCK TABLE mq_job IN ACCESS EXCLUSIVE MODE")  # every read of it waits
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+                page = await client.get("/jobs")
+        assert page.status_code == 503
+        assert "statement timeout" in page.text
+    finally:
+        await blocker.close()
 
 
 def test_vendored_htmx_is_the_pinned_release() -> None:

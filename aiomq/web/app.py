@@ -16,6 +16,7 @@ import logging
 import pathlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -23,7 +24,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from ..dsn import libpq_dsn
+from ..dsn import libpq_dsn, reason
 from ..model import Model
 from ..records import utcnow
 from ..source import AsyncMQSource
@@ -100,13 +101,19 @@ def create_app(
     async def bad_request(request: Request, exc: Exception) -> Response:
         return dashboard.error(request, 400, str(exc))
 
+    async def database_error(request: Request, exc: Exception) -> Response:
+        # A query past its statement_timeout, a lost connection: say so on a page rather than a bare 500.
+        log.warning("dashboard: %s %s failed: %s", request.method, request.url.path, reason(exc))
+        return dashboard.error(request, 503, f"the database did not answer: {reason(exc)}")
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
         if live is not None:
             await live.close()
 
-    app = Starlette(routes=routes, exception_handlers={BadRequest: bad_request}, lifespan=lifespan)
+    handlers = {BadRequest: bad_request, sa.exc.DBAPIError: database_error, OSError: database_error}
+    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
     app.add_middleware(SecurityHeaders, auth=None if auth is None else BasicAuth(*auth))
     app.state.dashboard = dashboard
     return app
