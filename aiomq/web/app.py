@@ -26,7 +26,6 @@ from starlette.staticfiles import StaticFiles
 
 from ..dsn import libpq_dsn, reason
 from ..model import Model
-from ..records import utcnow
 from ..source import AsyncMQSource
 from .actions import action_routes
 from .live import LiveUpdates
@@ -73,13 +72,10 @@ def create_app(
         raise ValueError(f"page_size must be from 1 to 1000, got {page_size!r}")
     reader = Reader(engine, model, lock_key=lock_key, timeout=statement_timeout)
 
-    async def queue_names() -> list[str]:
-        stats, _ = await reader.overview(utcnow())
-        return [s.queue for s in stats]
-
     live = None
     if live_interval is not None:
-        live = LiveUpdates(libpq_dsn(engine.url), model.channel_prefix, queue_names, interval=live_interval)
+        dsn = libpq_dsn(engine.url)
+        live = LiveUpdates(dsn, model.channel_prefix, reader.queue_names, interval=live_interval)
     dashboard = Dashboard(
         reader=reader,
         source=AsyncMQSource(engine=engine, model=model),

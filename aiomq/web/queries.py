@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from .. import queues
 from ..model import Model, all_states
+from ..records import utcnow
 from ..retry import RETRIED_BY_KEY
 from ..sql import statements
 from ..sql.parts import lit
@@ -132,6 +133,12 @@ class Reader:
             bucket = chart.completed if row.state == self.model.JobStates.COMPLETED else chart.failed
             bucket[minute] += row.n
         return stats, charts
+
+    async def queue_names(self) -> list[str]:
+        """Every queue that has jobs or a pause (the live updates listen on their channels)."""
+        async with self._read() as conn:
+            stats = await queues.queue_stats(AsyncSession(bind=conn), self._st, utcnow())
+        return [s.queue for s in stats]
 
     def _throughput_query(self) -> sa.Select[Any]:
         job, st = self._job, self.model.JobStates
