@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import signal
 import socket
 import sys
@@ -91,3 +92,16 @@ async def test_read_only_and_auth_from_the_environment(database: str, source: As
 async def test_half_configured_auth_is_an_error(database: str) -> None:
     proc = await cli("web", "--database-url", database, env=cli_env(AIOMQ_WEB_PASSWORD="pw"))
     one_line_error(proc, 2, "AIOMQ_WEB_USER")
+
+
+async def test_shows_the_demos_queues_and_jobs(database: str) -> None:
+    demo = await cli("demo", "--database-url", database, "--jobs", "20", "--no-progress", timeout=120)
+    assert demo.returncode == 0, demo.stderr
+    queues = sorted(set(re.findall(r"aiomq_demo_[0-9a-f]+_\w+", demo.stdout)))
+    assert queues
+    async with running("--database-url", database) as url, httpx.AsyncClient() as client:
+        overview = (await client.get(url + "/")).text
+        for queue in queues:
+            assert f'data-queue="{queue}"' in overview
+        jobs = await client.get(url + "/jobs", params={"queue": queues[0], "state": "completed"})
+        assert "data-job=" in jobs.text
