@@ -6,6 +6,7 @@
     aiomq job ID | retry ID | cancel ID | abort ID
     aiomq pause Q | resume Q | queues | prune --older-than 7d [...]   (aiomq.cli_queues)
     aiomq demo [--jobs N] [--no-progress]
+    aiomq web [--host H] [--port P] [--read-only]   (aiomq.cli_web)
 
 Every option can also come from an ``AIOMQ_*`` environment variable (``--database-url`` from
 ``AIOMQ_DATABASE_URL``, ``--concurrency`` from ``AIOMQ_CONCURRENCY``, ...). Failures print one line,
@@ -30,7 +31,7 @@ from typing import Any, NoReturn
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from . import __version__, cli_metrics, cli_queues
+from . import __version__, cli_metrics, cli_queues, cli_web
 from .dsn import DatabaseURL, check_connection, make_engine, one_line, parse_database_url, reason
 from .errors import CliError, SchemaMissingError, UsageError
 from .model import Model, all_states, make_default_model
@@ -251,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.set_defaults(func=func)
 
     cli_queues.add_commands(commands, _command_options, _on_source)
+    cli_web.add_command(commands, _command_options, _env, _database, load_model)
 
     demo = commands.add_parser(
         "demo", help="a worker and a source on a real (or embedded) database, with live progress"

@@ -6,8 +6,8 @@ Build the app with :func:`create_app` and serve it with any ASGI server::
 
     app = create_app("postgresql+asyncpg://user@host/db")   # e.g. uvicorn.run(app)
 
-Importing this module and calling ``create_app`` touch no database: the engine, the tables (created if
-missing) and the worker live in the app's lifespan.
+Importing this module and calling ``create_app`` touch no database: the engine is made but connects only
+when used; the tables (created if missing) and the worker live in the app's lifespan.
 
 - ``POST /orders`` ``{"item": "book", "quantity": 2}`` inserts an order and enqueues ``orders.confirm`` in
   the same transaction (one per request: committed before the response is sent, rolled back on any error).
@@ -15,6 +15,9 @@ missing) and the worker live in the app's lifespan.
 - ``POST /echo?timeout=5`` ``{"message": "hi"}`` enqueues (committed) and awaits the job's result; 504 (with
   the job's id) when it takes longer than ``timeout`` seconds, 502 when the job did not complete.
 - ``GET /jobs/{id}`` reports a job's state and result; 404 for an unknown id.
+- ``/dashboard/`` is aiomq's dashboard (``aiomq.web``, ``pip install aiomq[web]``) mounted in the app: the
+  queues, jobs and actions of this service's database. Protect it as the rest of your admin pages (it
+  also takes ``read_only=True`` and ``auth=(user, password)``).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from aiomq import AsyncMQSource, AsyncMQWorker, JobContext, make_default_model
+from aiomq.web import create_app as create_dashboard
 
 __all__ = ["create_app", "metadata", "model", "orders"]
 
@@ -194,10 +198,10 @@ async def get_job(job_id: int, session: DbSession) -> dict[str, Any]:
 
 def create_app(database_url: str, *, concurrency: int = 10) -> FastAPI:
     """The app, on a ``postgresql+asyncpg://`` URL; nothing connects before the lifespan starts."""
+    engine = create_async_engine(database_url)  # connects on first use only
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = create_async_engine(database_url)
         try:
             async with engine.begin() as conn:
                 await conn.run_sync(metadata.create_all)  # the queue's tables and ours, if missing
@@ -211,4 +215,5 @@ def create_app(database_url: str, *, concurrency: int = 10) -> FastAPI:
 
     app = FastAPI(title="aiomq FastAPI example", lifespan=lifespan)
     app.include_router(router)
+    app.mount("/dashboard", create_dashboard(engine, model))
     return app

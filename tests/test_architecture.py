@@ -35,7 +35,12 @@ LAYERS: list[set[str]] = [
     {"worker"},
     {"__init__"},
     {"testing", "demo", "output"},
-    {"cli_queues", "cli_metrics"},
+    {"web.security", "web.queries", "web.live", "web.charts"},
+    {"web.render"},
+    {"web.pages", "web.actions"},
+    {"web.app"},
+    {"web"},
+    {"cli_queues", "cli_metrics", "cli_web"},
     {"cli"},
     {"__main__"},
 ]
@@ -60,8 +65,8 @@ def _modules() -> dict[str, ast.Module]:
 def _imports(name: str, tree: ast.Module) -> set[str]:
     """The aiomq modules ``name`` imports (relative imports resolved; ``from . import x`` counts x)."""
     package = name.split(".")[:-1] if "." in name or name == "__init__" else []
-    if name == "sql":
-        package = ["sql"]
+    if name in ("sql", "web"):  # a subpackage's __init__
+        package = [name]
     found: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.level:

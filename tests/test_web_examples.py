@@ -195,3 +195,20 @@ async def test_fastapi_commits_before_the_response_is_sent(database: str, db: An
     async with app.router.lifespan_context(app):
         await app(scope, receive, send)
     assert seen == [(201, 1, 1)]
+
+
+async def test_fastapi_app_mounts_the_dashboard(database: str, source: AsyncMQSource) -> None:
+    app = fastapi_app.create_app(asyncpg_url(database))
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client,
+    ):
+        created = await client.post("/orders", json={"item": "book"})
+        job_id = created.json()["job_id"]
+        await source.wait_for_job(job_id, timeout=20)
+        overview = await client.get("/dashboard/")
+        assert overview.status_code == 200
+        assert 'href="/dashboard/jobs?queue=orders"' in overview.text
+        job = await client.get(f"/dashboard/jobs/{job_id}")
+        assert job.status_code == 200
+        assert "completed" in job.text
