@@ -21,6 +21,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from aiomq import AsyncMQSource, AsyncMQWorker, make_default_model
 from aiomq.model import Model
 from aiomq.schema import create_schema
+from aiomq.testing_server import create_database as _create_database
+from aiomq.testing_server import drop_database as _drop_database
 
 from .pgserver import PgServer, PgUnavailable, start_pg_server
 
@@ -34,10 +36,6 @@ def with_database(dsn: str, database: str) -> str:
 
 def asyncpg_url(dsn: str) -> str:
     return sa.make_url(dsn).set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
-
-
-async def _admin(dsn: str) -> Any:
-    return await asyncpg.connect(dsn, timeout=30)
 
 
 @pytest.fixture(scope="session")
@@ -63,22 +61,6 @@ def pg_server() -> Iterator[PgServer]:
 def aiomq_server_url(pg_server: PgServer) -> str:
     """aiomq's pytest plugin (aiomq.testing) creates its databases on the suite's server."""
     return pg_server.dsn
-
-
-async def _create_database(dsn: str, name: str, template: str = "template0") -> None:
-    conn = await _admin(dsn)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
-    finally:
-        await conn.close()
-
-
-async def _drop_database(dsn: str, name: str) -> None:
-    conn = await _admin(dsn)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
 
 
 @contextlib.contextmanager
