@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from . import jobops
-from .enqueue import Enqueuer, validate_call, validate_call_item
+from .enqueue import Enqueuer, queued, validate_call, validate_call_item
 from .model import Model
 from .records import JobInfo, QueuedJob, to_naive_utc, utcnow
 from .retry import Retry
@@ -56,6 +56,7 @@ class SyncMQSource:
         self.engine = engine
         self._st = statements(model)
         self._enqueuer = Enqueuer(self._st)
+        self._autocommit = None if engine is None else engine.execution_options(isolation_level="AUTOCOMMIT")
 
     @contextlib.contextmanager
     def _session(self) -> Iterator[SyncSessionView]:
@@ -107,6 +108,13 @@ class SyncMQSource:
             timeout=timeout,
             priority=priority,
         )
+        if self._autocommit is not None and not call.linked:
+            # Engine mode, as AsyncMQSource: a new job is one autocommit statement (INSERT and NOTIFY);
+            # a collapse (no row) changed nothing, and joining takes the transaction below.
+            with schema_errors(), self._autocommit.connect() as conn:
+                row = conn.execute(*self._enqueuer.enqueue_notify(call)).first()
+            if row is not None:
+                return queued(call, row.id, row.scheduled_time)
         with self._session() as session:
             return complete(self._enqueuer.insert_or_join(session, call))
 
