@@ -43,7 +43,15 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-__all__ = ["PgServer", "PgUnavailable", "create_database", "drop_database", "start_local_server"]
+__all__ = [
+    "HELP",
+    "PgServer",
+    "PgUnavailable",
+    "create_database",
+    "drop_database",
+    "run_blocking",
+    "start_local_server",
+]
 
 _READY_TIMEOUT = 30.0
 _STOP_TIMEOUT = 30.0
@@ -143,7 +151,7 @@ def _quiet() -> Iterator[None]:
             gc.collect()
 
 
-def _run_sync(factory: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
+def run_blocking(factory: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
     """Run a coroutine to completion from synchronous code.
 
     Without a running loop in this thread, a private event loop is used (it is
@@ -199,7 +207,7 @@ async def _inspect(dsn: str, tune: bool) -> int:
 
 
 def _server_version(dsn: str, tune: bool) -> int:
-    return _run_sync(lambda: _inspect(dsn, tune))
+    return run_blocking(lambda: _inspect(dsn, tune))
 
 
 def _tail(path: pathlib.Path, lines: int = 30) -> str:
@@ -470,7 +478,7 @@ def _start_system(tmp_dir: pathlib.Path) -> PgServer:
             shutil.rmtree(base, ignore_errors=True)
             raise _StartFailed(f"cannot run {args[0]}{who}: {exc}") from exc
         try:
-            version = _run_sync(functools.partial(_wait_ready, dsn, proc))
+            version = run_blocking(functools.partial(_wait_ready, dsn, proc))
         except Exception as exc:
             _stop_process(proc)
             failure = f"{exc}\nserver log tail ({log}):\n{_tail(log)}"
