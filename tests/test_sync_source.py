@@ -9,9 +9,10 @@ import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
+import asyncpg
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
 from aiomq import AsyncMQSource, AsyncMQWorker, JobInfo, QueuedJob, Retry, SyncMQSource, channels
@@ -50,12 +51,6 @@ def sync_source(psycopg_engine: sa.Engine, model: Model) -> SyncMQSource:
 async def other_database(pg_server: PgServer, template_db: str) -> AsyncIterator[str]:
     async with copied_database(pg_server, template_db) as url:
         yield url
-
-
-async def connect(url: str) -> Any:
-    import asyncpg
-
-    return await asyncpg.connect(url)
 
 
 async def scenario(run: Run, db: Any) -> list[Any]:
@@ -126,7 +121,7 @@ async def tables(db: Any) -> dict[str, list[dict[str, Any]]]:
 
 
 async def run_scenario(url: str, model: Model, run_for: Callable[[str], Awaitable[Run]]) -> Any:
-    db = await connect(url)
+    db = await asyncpg.connect(url)
     try:
         notes = Notifications(db)
         prefix = model.channel_prefix
@@ -143,24 +138,38 @@ async def run_scenario(url: str, model: Model, run_for: Callable[[str], Awaitabl
         await db.close()
 
 
+@pytest.mark.parametrize("mode", ["engine", "dbsession"])
 async def test_sync_and_async_sources_write_the_same_rows_and_notifies(
-    database: str, other_database: str, model: Model
+    database: str, other_database: str, model: Model, mode: str
 ) -> None:
+    """Engine sources, or sources on a session of the caller's (one committed transaction per step)."""
     engines: list[Any] = []
 
     async def async_run(url: str) -> Run:
         engine = create_async_engine(asyncpg_url(url))
         engines.append(engine)
         source = AsyncMQSource(engine=engine, model=model)
-        return lambda name, *args, **kw: getattr(source, name)(*args, **kw)
+
+        async def step(name: str, *args: Any, **kw: Any) -> Any:
+            if mode == "engine":
+                return await getattr(source, name)(*args, **kw)
+            async with AsyncSession(engine, expire_on_commit=False) as session, session.begin():
+                return await getattr(AsyncMQSource(dbsession=session, model=model), name)(*args, **kw)
+
+        return step
 
     async def sync_run(url: str) -> Run:
         engine = sync_engine(url)
         engines.append(engine)
         source = SyncMQSource(engine=engine, model=model)
-        return lambda name, *args, **kw: asyncio.to_thread(
-            functools.partial(getattr(source, name), *args, **kw)
-        )
+
+        def step(name: str, *args: Any, **kw: Any) -> Any:
+            if mode == "engine":
+                return getattr(source, name)(*args, **kw)
+            with Session(engine, expire_on_commit=False) as session, session.begin():
+                return getattr(SyncMQSource(dbsession=session, model=model), name)(*args, **kw)
+
+        return lambda name, *args, **kw: asyncio.to_thread(step, name, *args, **kw)
 
     try:
         async_results, async_rows, async_notes = await run_scenario(database, model, async_run)
