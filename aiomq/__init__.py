@@ -13,6 +13,7 @@ from .records import JobInfo as JobInfo
 from .records import QueuedJob as QueuedJob
 from .retry import Retry as Retry
 from .source import AsyncMQSource as AsyncMQSource
+from .sync_source import SyncMQSource as SyncMQSource
 from .worker import AsyncMQWorker as AsyncMQWorker
 
 __version__ = "0.1.0.dev0"
@@ -29,5 +30,6 @@ __all__ = [
     "QueuedJob",
     "Retry",
     "SchemaMissingError",
+    "SyncMQSource",
     "make_default_model",
 ]

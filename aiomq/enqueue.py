@@ -15,12 +15,11 @@ import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from . import channels, tracing
 from .records import QueuedJob, check_queue_name, to_naive_utc, utcnow
 from .retry import RETRIED_BY_KEY, RETRY_KEY, TIMEOUT_KEY, Retry, as_retry, as_timeout
 from .serialize import MAX_KEY_BYTES, check_text, dump_json
+from .sessions import SessionLike
 from .sql import Statements
 
 __all__ = [
@@ -308,13 +307,11 @@ class Enqueuer:
         params["t"] = channels.epoch(call.scheduled_time)
         return statement, params
 
-    async def notify_queue(self, session: AsyncSession, queue: str, payload: str) -> None:
+    async def notify_queue(self, session: SessionLike, queue: str, payload: str) -> None:
         channel = channels.queue_channel(self._prefix, queue)
         await session.execute(self._st.notify, {"channel": channel, "payload": payload})
 
-    async def insert_or_join(
-        self, session: AsyncSession, call: Call, hints: Hints | None = None
-    ) -> QueuedJob:
+    async def insert_or_join(self, session: SessionLike, call: Call, hints: Hints | None = None) -> QueuedJob:
         """Insert, or join the pending collapsible job of the slot. NOTIFY at once, or, given ``hints``,
         collect the earliest ``t`` per queue there for the caller to send once."""
         while True:
@@ -334,7 +331,7 @@ class Enqueuer:
             if job is not None:
                 return await self._join(session, call, job, hints)
 
-    async def _join(self, session: AsyncSession, call: Call, job: Any, hints: Hints | None) -> QueuedJob:
+    async def _join(self, session: SessionLike, call: Call, job: Any, hints: Hints | None) -> QueuedJob:
         moved = call.scheduled_time < job.scheduled_time
         if moved:
             job.scheduled_time = call.scheduled_time
@@ -355,7 +352,7 @@ class Enqueuer:
         log.info("joined job %s (%s.%s, cursor_key=%s)", job.id, call.queue, call.method, call.cursor_key)
         return QueuedJob(job.id, call.queue, call.method, call.cursor_key, job.scheduled_time, False)
 
-    async def link(self, session: AsyncSession, job_id: int, call: Call) -> None:
+    async def link(self, session: SessionLike, job_id: int, call: Call) -> None:
         """The job's link rows to the schedules and listeners it came from (where the model has them)."""
         enqueue = self._st.enqueue
         for statement, column, ids in (
@@ -365,7 +362,7 @@ class Enqueuer:
             if statement is not None and ids:
                 await session.execute(statement, [{"job_id": job_id, column: i} for i in ids])
 
-    async def insert_many(self, session: AsyncSession, calls: Sequence[Call]) -> list[QueuedJob]:
+    async def insert_many(self, session: SessionLike, calls: Sequence[Call]) -> list[QueuedJob]:
         """Insert many calls: one multi-row INSERT for those without a collapse slot, the others one by one
         in (cursor_key, queue, method) order, so two concurrent batches lock their slots in the same order
         and cannot deadlock; then one NOTIFY per queue, for its earliest job."""

@@ -24,6 +24,7 @@ from . import channels
 from .enqueue import Enqueuer, validate_call
 from .model import JobStates
 from .records import QueuedJob, check_queue_name
+from .sessions import SessionLike
 from .sql import Statements
 
 __all__ = [
@@ -126,7 +127,7 @@ async def announce(
 
 
 async def emit_to_listeners(
-    session: AsyncSession,
+    session: SessionLike,
     st: Statements,
     enqueuer: Enqueuer,
     name: str,

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import datetime
 import functools
-import json
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
@@ -18,11 +17,11 @@ from typing import Any
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
-from . import channels, pruning, queues
+from . import jobops, pruning, queues
 from .compiled import Compiled
-from .enqueue import Enqueuer, retry_call, validate_call, validate_call_item
-from .events import announce, emit_to_listeners
-from .model import Model, all_states, finished_states
+from .enqueue import Enqueuer, validate_call, validate_call_item
+from .events import emit_to_listeners
+from .model import Model, finished_states
 from .records import JobInfo, QueuedJob, to_naive_utc, utcnow
 from .registry import Registry
 from .retry import RETRIED_BY_KEY, Retry
@@ -166,25 +165,20 @@ class AsyncMQSource(Registry):
 
     async def get_job(self, job_id: int, *, for_update: bool = False, raises: bool = True) -> Any:
         """The ``model.Job`` row (detached with every column loaded from an engine source)."""
-        if for_update and self.dbsession is None:
-            raise ValueError(
-                "get_job(for_update=True) needs a dbsession source: "
-                "an engine source would release the lock at once"
-            )
         return await self._get_row(self.model.Job, "job", job_id, for_update, raises)
 
     async def _get_row(self, cls: type[Any], what: str, row_id: int, for_update: bool, raises: bool) -> Any:
-        if for_update and self.dbsession is None:
-            raise ValueError(f"get_{what}(for_update=True) needs a dbsession source")
+        jobops.check_for_update(for_update, self.dbsession is None, what)
         async with self._session() as session:
-            row = await session.get(cls, row_id, with_for_update=for_update or None, populate_existing=True)
-            if row is None:
-                if raises:
-                    raise LookupError(f"cannot find {what}", row_id)
-                return None
-            if self.dbsession is None:
-                session.expunge(row)
-            return row
+            return await jobops.get_row(
+                session,
+                cls,
+                what,
+                row_id,
+                for_update=for_update,
+                raises=raises,
+                detach=self.dbsession is None,
+            )
 
     async def find_jobs(
         self,
@@ -196,18 +190,11 @@ class AsyncMQSource(Registry):
         limit: int = 100,
     ) -> list[JobInfo]:
         """Jobs matching every given filter, newest first."""
-        states = all_states(self.model.JobStates)
-        if state is not None and state not in states:
-            raise ValueError(f"unknown job state {state!r}; one of {', '.join(states)}")
-        if not isinstance(limit, int) or limit < 1:
-            raise ValueError(f"limit must be a positive integer, got {limit!r}")
-        given = {"queue": queue, "method": method, "state": state, "cursor_key": cursor_key}
-        filters = {k: v for k, v in given.items() if v is not None}
+        filters = jobops.job_filters(
+            self._st, queue=queue, method=method, state=state, cursor_key=cursor_key, limit=limit
+        )
         async with self._session() as session:
-            rows = (
-                await session.execute(self._st.lookups.find_jobs(filters), {**filters, "limit": limit})
-            ).all()
-        return [JobInfo.from_row(r) for r in rows]
+            return await jobops.find_jobs(session, self._st, filters, limit)
 
     async def get_cursor(self, key: str) -> dict[str, Any] | None:
         """A cursor's saved properties, or None if no job on it has finished yet."""
@@ -225,90 +212,27 @@ class AsyncMQSource(Registry):
     async def retry_job(self, job_id: int, *, now: datetime.datetime | None = None) -> QueuedJob:
         """Enqueue a new job like ``job_id`` (any state), at its original scheduled time."""
         async with self._session() as session:
-            job = await session.get(self.model.Job, job_id)
-            if job is None:
-                raise LookupError("cannot find job", job_id)
-            call = retry_call(job, utcnow() if now is None else to_naive_utc(now))
-            return await self._enqueuer.insert_or_join(session, call)
+            return await jobops.retry_job(session, self._st, self._enqueuer, job_id, self._now(now))
 
     async def cancel_job(self, job_id: int, *, now: datetime.datetime | None = None) -> None:
         """Cancel a ``pending`` or ``failed`` job; anything else raises ``RuntimeError``."""
-        st = self.model.JobStates
-        now = utcnow() if now is None else to_naive_utc(now)
+        now = self._now(now)
         async with self._session() as session:
-            job = await self._locked(session, job_id)
-            if job.state not in (st.PENDING, st.FAILED):
-                raise RuntimeError("job is not in a valid state", job_id, job.state)
-            await self._cancel(session, job, now)
-
-    async def _cancel(self, session: AsyncSession, job: Any, now: datetime.datetime) -> None:
-        st = self.model.JobStates
-        job.state = st.CANCELED
-        if job.end_time is None:
-            job.end_time = now
-        await session.flush()
-        await self._announce(session, job, st.CANCELED, held_cursor=False)
-        log.info("canceled job %s", job.id)
+            await jobops.cancel_job(session, self._st, self._enqueuer, job_id, now)
 
     async def abort_job(self, job_id: int, *, now: datetime.datetime | None = None) -> None:
         """Abort a job: a ``pending`` one is canceled at once (as ``cancel_job``); for a ``running`` one
         a request is stored (``aiomq_abort_request``) and its worker woken: it cancels an async handler
         (a sync one sees ``job.abort_requested``) and records the job ``canceled``. Any other state raises
         ``RuntimeError`` and changes nothing; an unknown id raises ``LookupError``."""
-        st = self.model.JobStates
-        now = utcnow() if now is None else to_naive_utc(now)
+        now = self._now(now)
         async with self._session() as session:
-            job = await self._locked(session, job_id)
-            if job.state == st.PENDING:
-                await self._cancel(session, job, now)
-                return
-            if job.state != st.RUNNING:
-                raise RuntimeError("job is not pending or running", job_id, job.state)
-            if self._st.aborts is None:
-                raise RuntimeError("this model has no abort table (Model(AbortRequest=...))", job_id)
-            await session.execute(self._st.aborts.request, {"job_id": job_id, "now": now})
-            payload = channels.abort_payload(job_id)
-            await session.execute(self._st.notify, {"channel": channels.ABORT_CHANNEL, "payload": payload})
-        log.info("asked the worker running job %s to abort it", job_id)
+            await jobops.abort_job(session, self._st, self._enqueuer, job_id, now)
 
     async def fail_lost_job(self, job_id: int, *, result: Any = None) -> None:
         """Move a ``lost`` job to ``failed`` (freeing its cursor), optionally with a ``result``."""
-        st = self.model.JobStates
-        result_json = None if result is None else dump_json(result, "result")
         async with self._session() as session:
-            job = await self._locked(session, job_id)
-            if job.state != st.LOST:
-                raise RuntimeError("job is not in a lost state", job_id, job.state)
-            job.state = st.FAILED
-            if result_json is not None:
-                job.result = json.loads(result_json)
-            await session.flush()
-            await self._announce(session, job, st.FAILED, result=result)
-        log.info("failed lost job %s", job_id)
-
-    async def _announce(
-        self, session: AsyncSession, job: Any, state: str, result: Any = None, held_cursor: bool = True
-    ) -> None:
-        async def emit(name: str, data: dict[str, Any]) -> None:
-            await emit_to_listeners(session, self._st, self._enqueuer, name, data, now=utcnow(), trace=None)
-
-        await announce(
-            session.execute,
-            self._st,
-            job,
-            state,
-            cursor_key=job.cursor_key,
-            has_listeners=True,  # emit_to_listeners finds them, or none
-            emit=emit,
-            result=result,
-            held_cursor=held_cursor,
-        )
-
-    async def _locked(self, session: AsyncSession, job_id: int) -> Any:
-        job = await session.get(self.model.Job, job_id, with_for_update=True, populate_existing=True)
-        if job is None:
-            raise LookupError("cannot find job", job_id)
-        return job
+            await jobops.fail_lost_job(session, self._st, self._enqueuer, job_id, result)
 
     # ---------------------------------------------------------------- operating queues
 

