@@ -7,6 +7,9 @@ such NOTIFY) and a lost connection cost latency, never a wrong answer.
 The connection opens with the first waiter and stays open for :data:`LINGER` seconds after the last one
 leaves, so a caller that waits for one job at a time (a test, a request handler) does not pay a new
 connection per wait; it closes when the engine is disposed.
+
+An engine behind a pooler in transaction mode (:mod:`aiomq.pooling`) gets no LISTEN: through the pooler
+it would listen on a server session that other clients are handed next. Waiting then polls.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .channels import FINISHED_CHANNEL, parse_finished
 from .dsn import libpq_dsn
+from .pooling import is_pooled
 
 __all__ = ["wait_for_job"]
 
@@ -118,6 +122,19 @@ class _Hub:
             event.set()
 
 
+class _Polling(_Hub):
+    """No LISTEN connection: its waiters poll."""
+
+    def __init__(self) -> None:
+        super().__init__("")
+
+    async def enter(self) -> None:
+        return None
+
+    def leave(self) -> None:
+        return None
+
+
 _hubs: weakref.WeakKeyDictionary[AsyncEngine, dict[asyncio.AbstractEventLoop, _Hub]] = (
     weakref.WeakKeyDictionary()
 )
@@ -162,7 +179,7 @@ async def wait_for_job(
 ) -> T:
     if poll_interval <= 0:
         raise ValueError(f"poll_interval must be positive, got {poll_interval!r}")
-    hub = _hub(engine)
+    hub = _Polling() if await is_pooled(engine) else _hub(engine)
     await hub.enter()
     try:
         async with asyncio.timeout(timeout):

@@ -13,7 +13,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "aiomq"
 # Each module may import only modules of a lower layer (docs/architecture.md draws the same picture).
 LAYERS: list[set[str]] = [
     {"errors", "serialize", "channels", "compiled", "wakeup", "signals", "embedded", "retry"},
-    {"records", "dberrors", "dsn", "schedules", "model", "listener"},
+    {"records", "dberrors", "dsn", "schedules", "model", "listener", "pooling"},
     {"sql.parts", "schema", "execution"},
     {"sql.lookups", "sql.aborts"},
     {
@@ -26,7 +26,7 @@ LAYERS: list[set[str]] = [
         "sql.prune",
     },
     {"sql"},
-    {"enqueue", "link", "claims", "queues", "pruning", "pauses"},
+    {"enqueue", "link", "proof", "claims", "queues", "pruning", "pauses"},
     {"events", "waiters"},
     {"registry", "outcomes", "scheduler"},
     {"source", "maintenance"},
