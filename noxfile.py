@@ -22,7 +22,7 @@ def _let_pyenv_answer() -> None:
     if pyenv is None or "PYENV_VERSION" in os.environ:
         return
     installed = subprocess.run([pyenv, "versions", "--bare"], capture_output=True, text=True).stdout.split()
-    newest = {}
+    newest: dict[str, str] = {}
     for full in sorted(installed, key=lambda v: [int(p) if p.isdigit() else 0 for p in v.split(".")]):
         minor = ".".join(full.split(".")[:2])
         if minor in PYTHONS:

@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from aiomq import AsyncMQSource, AsyncMQWorker, JobContext
 from aiomq.model import Model
+from aiomq.pooling import is_pooled
 from aiomq.proof import check_session
 
 from .conftest import asyncpg_url
@@ -240,14 +241,29 @@ async def test_a_listener_through_session_pooling_works(
     assert lock_id is not None
 
 
-async def test_a_direct_listener_through_a_port_of_its_own_passes(
+async def test_a_direct_listener_given_in_the_sqlalchemy_form_passes(
     database: str, make_worker: MakeWorker, source: AsyncMQSource
 ) -> None:
-    """The proof looks at behaviour, not addresses: the direct listener of every test above passes, and
-    so does one whose URL differs from the engine's in every part but the server."""
+    """The proof looks at behaviour, not addresses: the direct listener of every test here passes (its
+    URL and the engine's share nothing but the database name), in either form of URL."""
     job = await source.call("q", "m")
     async with make_worker({"q": echo}, listener_dsn=asyncpg_url(database)):
         assert (await source.wait_for_job(job.id, timeout=30)).state == "completed"
+
+
+@pytest.mark.parametrize(
+    ("connect_args", "pooled"),
+    [({}, False), ({"statement_cache_size": 0}, True), ({"prepared_statement_cache_size": 0}, True)],
+)
+async def test_an_engine_with_its_statement_cache_off_is_taken_for_a_pooled_one(
+    connect_args: dict[str, Any], pooled: bool, database: str
+) -> None:
+    engine = create_async_engine(asyncpg_url(database), connect_args=connect_args)
+    try:
+        assert await is_pooled(engine) is pooled
+        assert await is_pooled(engine.execution_options(isolation_level="AUTOCOMMIT")) is pooled
+    finally:
+        await engine.dispose()
 
 
 def test_check_session_names_what_it_saw() -> None:
