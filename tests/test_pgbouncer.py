@@ -204,6 +204,18 @@ async def test_a_listener_through_transaction_pooling_is_refused_at_start(
     assert (await fetch_job(db, job.id))["state"] == "pending"
 
 
+async def test_a_worker_on_a_pooled_engine_without_listener_dsn_is_refused_at_start(
+    make_worker: MakeWorker, source: AsyncMQSource, db: Any
+) -> None:
+    """The mistake to expect: listener_dsn left out, so the listener follows the engine's URL into the
+    pooler. The engine's open transaction pins a server session, and the listener is served by another."""
+    job = await source.call("q", "m")
+    worker = make_worker({"q": echo}, listener_dsn=None)
+    with pytest.raises(ValueError, match="transaction or statement mode"):
+        await asyncio.wait_for(worker.run(), 60)
+    assert (await fetch_job(db, job.id))["state"] == "pending"
+
+
 async def test_a_listener_through_transaction_pooling_is_refused_with_a_direct_engine(
     database: str, bouncers: Callable[..., PgBouncer], model: Model, db: Any
 ) -> None:
