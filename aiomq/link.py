@@ -17,7 +17,7 @@ from .dberrors import Backoff, retrying
 from .errors import SchemaMissingError
 from .listener import Listener
 
-__all__ = ["Link", "StatementHook", "prove_same_database"]
+__all__ = ["Link", "StatementHook"]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ class Link:
                 lock_id = await listener.open()
                 if first:
                     await prove(listener)
+                await listener.settle()
                 if old_lock_id is not None:
                     await recover(old_lock_id, lock_id)
             except BaseException:
@@ -144,16 +145,6 @@ class Link:
         if listener is not None:
             await listener.close()
         self.lock_id = None
-
-
-async def prove_same_database(listener: Listener, send: Callable[[str, str], Awaitable[None]]) -> None:
-    """``ValueError`` unless a NOTIFY sent by ``send(channel, payload)`` (through the engine) arrives on
-    ``listener``: the two must reach the same database, or the worker's lock would guard nothing."""
-    if not await listener.probe(send, timeout=10):
-        raise ValueError(
-            "the listener connection and the engine do not reach the same database: a NOTIFY sent "
-            "through the engine did not arrive on listener_dsn"
-        )
 
 
 def _wrapped(

@@ -83,6 +83,7 @@ class Listener:
         self._try_lock = try_lock
         self._keepalive = keepalive
         self._conn: Any = None
+        self._deferred_settings: dict[str, str] = {}
         self.lock_id: int | None = None
 
     @property
@@ -91,15 +92,7 @@ class Listener:
 
     async def open(self, timeout: float = 10.0) -> int:
         """Connect, take a fresh advisory lock id, LISTEN. Returns the lock id."""
-        conn = await asyncpg.connect(
-            self._dsn,
-            timeout=timeout,
-            server_settings={
-                **_KEEPALIVE_SETTINGS,
-                **_PLAN_SETTINGS,
-                "application_name": self._application_name,
-            },
-        )
+        conn = await self._connect(timeout)
         try:
             _set_client_keepalive(conn)
             for type_name in ("json", "jsonb"):  # decoded as the engine decodes them
@@ -124,6 +117,30 @@ class Listener:
         self._conn = conn
         self.lock_id = lock_id
         return lock_id
+
+    async def _connect(self, timeout: float) -> Any:
+        settings = {**_KEEPALIVE_SETTINGS, **_PLAN_SETTINGS}
+        name = {"application_name": self._application_name}
+        try:
+            return await asyncpg.connect(self._dsn, timeout=timeout, server_settings={**settings, **name})
+        except asyncpg.ProtocolViolationError as ex:
+            if "unsupported startup parameter" not in str(ex):
+                raise
+            # A pooler (PgBouncer) passes only a few startup parameters on. Behind one in session mode
+            # the listener still has a session of its own (the worker's start-up proof checks that), so
+            # connect without them and SET them once that is proven: SET on a pooled server session
+            # would change it for the pooler's other clients.
+            log.info("listener_dsn refused startup settings (%s): setting them after connecting", ex)
+        self._deferred_settings = settings
+        return await asyncpg.connect(self._dsn, timeout=timeout, server_settings=name)
+
+    async def settle(self) -> None:
+        """Apply the session settings a pooler refused at connect (a no-op otherwise)."""
+        if not self._deferred_settings or not self.alive:
+            return
+        items = list(self._deferred_settings.items())
+        calls = ", ".join(f"set_config(${2 * i + 1}, ${2 * i + 2}, false)" for i in range(len(items)))
+        await self._conn.execute(f"SELECT {calls}", *[v for item in items for v in item])
 
     def _notified(self, conn: Any, pid: int, channel: str, payload: str) -> None:
         self._on_notify(channel, payload)

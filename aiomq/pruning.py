@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from .pooling import is_pooled
 from .records import check_queue_name, to_naive_utc, utcnow
 from .sql import Statements
 
@@ -92,9 +93,12 @@ async def prune_jobs(
     }
     if not exclusive:
         return await _batches(engine, st, params, dry_run, stopping)
-    # A session lock on a connection of its own, held for the whole prune: one pruner at a time.
+    # A session lock on a connection of its own, held for the whole prune: one pruner at a time. Behind
+    # a transaction pooler the session is only ours inside a transaction: one stays open meanwhile.
+    pooled = await is_pooled(engine)
     async with engine.connect() as conn:
-        conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+        if not pooled:
+            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
         if not await conn.scalar(st.prune.try_prune_lock):
             log.debug("another worker is pruning")
             return 0
@@ -102,6 +106,8 @@ async def prune_jobs(
             return await _batches(engine, st, params, dry_run, stopping)
         finally:
             await conn.execute(st.prune.prune_unlock)
+            if pooled:
+                await conn.commit()
 
 
 async def _batches(

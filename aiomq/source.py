@@ -22,6 +22,7 @@ from .compiled import Compiled
 from .enqueue import Enqueuer, validate_call, validate_call_item
 from .events import emit_to_listeners
 from .model import Model, finished_states
+from .pooling import is_pooled
 from .records import JobInfo, QueuedJob, to_naive_utc, utcnow
 from .registry import Registry
 from .retry import RETRIED_BY_KEY, Retry
@@ -132,8 +133,9 @@ class AsyncMQSource(Registry):
             timeout=timeout,
             priority=priority,
         )
-        if self._autocommit is not None and not call.linked:
-            # Engine mode: a new job is one autocommit statement (INSERT and NOTIFY), one round trip.
+        if self._autocommit is not None and not call.linked and not await is_pooled(self._autocommit):
+            # Engine mode: a new job is one autocommit statement (INSERT and NOTIFY), one round trip
+            # (not behind a transaction pooler: SQLAlchemy prepares and executes in two).
             # A collapse (no row) changed nothing: joining takes the transaction below.
             with schema_errors():
                 async with self._autocommit.connect() as conn:

@@ -12,6 +12,9 @@ Waiters read their jobs on that same connection too, in batches: every read aske
 into the next single ``id = ANY($1)`` query. Fifty waiters woken by one burst of NOTIFYs then cost one
 round trip rather than fifty pool checkouts and transactions. Without the connection (LISTEN failed, or
 it dropped) waiters read through the engine's pool as before.
+
+An engine behind a pooler in transaction mode (:mod:`aiomq.pooling`) gets no LISTEN: through the pooler
+it would listen on a server session that other clients are handed next. Waiting then polls.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .channels import FINISHED_CHANNEL, parse_finished
 from .dsn import libpq_dsn
+from .pooling import is_pooled
 
 __all__ = ["HubRead", "wait_for_job"]
 
@@ -193,6 +197,22 @@ class _Hub:
                             future.set_result(found.get(job_id, missing))
 
 
+class _Polling(_Hub):
+    """No LISTEN connection: its waiters poll."""
+
+    def __init__(self) -> None:
+        super().__init__("", json.loads)
+
+    async def enter(self) -> None:
+        return None
+
+    async def ensure(self) -> None:
+        return None
+
+    def leave(self) -> None:
+        return None
+
+
 _hubs: weakref.WeakKeyDictionary[AsyncEngine, dict[asyncio.AbstractEventLoop, _Hub]] = (
     weakref.WeakKeyDictionary()
 )
@@ -241,7 +261,7 @@ async def wait_for_job(
     ``is_done``; re-read on its finish NOTIFY and every ``poll_interval`` seconds."""
     if poll_interval <= 0:
         raise ValueError(f"poll_interval must be positive, got {poll_interval!r}")
-    hub = _hub(engine)
+    hub = _Polling() if await is_pooled(engine) else _hub(engine)
     await hub.enter()
     watch = hub.watch(job_id)
     info: T | None

@@ -32,10 +32,10 @@ from .dberrors import is_retryable
 from .dsn import libpq_dsn
 from .execution import Handler, Middleware, Outcome, check_middleware
 from .hooks import JobHooks, hook_set
-from .link import prove_same_database
 from .listener import Listener
 from .model import Model
 from .outcomes import Record
+from .proof import prove_session
 from .records import JobContext, check_queue_name, utcnow
 from .retry import Policies, Retry
 from .schema import check_schema
@@ -399,7 +399,7 @@ class AsyncMQWorker:
 
     async def _connect(self, *, first: bool) -> None:
         """Open (or replace) the link; then anything may have been enqueued meanwhile: look."""
-        await self._link.connect(first=first, prove=self._prove_same_database, recover=self._recover)
+        await self._link.connect(first=first, prove=self._prove_session, recover=self._recover)
         if self._link.connected:
             # Listening now: read the pauses, which a NOTIFY keeps current from here on.
             try:
@@ -408,12 +408,8 @@ class AsyncMQWorker:
                 log.warning("reading the paused queues failed (%s); maintenance reads them again", ex)
             self._claimer.next_due = self.clock()
 
-    async def _prove_same_database(self, listener: Listener) -> None:
-        async def send(channel: str, payload: str) -> None:
-            async with self.engine.begin() as conn:
-                await conn.execute(self._st.notify, {"channel": channel, "payload": payload})
-
-        await prove_same_database(listener, send)
+    async def _prove_session(self, listener: Listener) -> None:
+        await prove_session(listener, self.engine, self._st, lock_key=self.lock_key)
 
     async def _recover(self, old_lock_id: int, lock_id: int) -> None:
         await self._maintenance.recover(old_lock_id, lock_id, list(self._jobs))

@@ -46,6 +46,14 @@ UPDATE mq_job SET end_time=%(end_time)s::TIMESTAMP WITHOUT TIME ZONE, state='run
 -- claims.try_lock
 SELECT pg_try_advisory_lock(%(lock_key)s::INTEGER, %(lock_id)s::INTEGER) AS pg_try_advisory_lock_1;
 
+-- claims.whoami
+SELECT pg_backend_pid() AS pid, current_database() AS database;
+
+-- claims.lock_holders
+SELECT pg_locks.pid, pg_database.datname AS database
+FROM pg_locks LEFT OUTER JOIN pg_database ON pg_database.oid = pg_locks.database
+WHERE pg_locks.locktype = %(locktype_1)s::VARCHAR AND pg_locks.classid = %(lock_key)s::INTEGER AND pg_locks.objid = %(lock_id)s::INTEGER AND pg_locks.objsubid = %(objsubid_1)s::INTEGER AND pg_locks.granted;
+
 -- enqueue.enqueue
 INSERT INTO mq_job (state, args, trace) VALUES ('pending', CAST(%(args_json)s::VARCHAR AS JSONB), CAST(%(trace_json)s::VARCHAR AS JSONB)) ON CONFLICT (cursor_key, queue, method) WHERE state = 'pending' AND collapsible = true DO NOTHING RETURNING mq_job.id, mq_job.scheduled_time;
 

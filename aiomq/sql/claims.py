@@ -78,6 +78,14 @@ class ClaimStatements:
                 sa.bindparam("lock_key", type_=sa.Integer), sa.bindparam("lock_id", type_=sa.Integer)
             )
         )
+        #: This session's server process and database. The worker's start-up proof (:mod:`aiomq.proof`)
+        #: runs it on the listener and through the engine, and compares.
+        self.whoami = sa.select(
+            sa.func.pg_backend_pid().label("pid"), sa.func.current_database().label("database")
+        )
+        #: Who holds (``lock_key``, ``lock_id``): process ids and databases. Through the engine at start,
+        #: it tells whether the listener's own process holds the worker's lock.
+        self.lock_holders = p.lock_holders()
 
     @staticmethod
     def _claim(p: Parts, wanted: Any, snapshot: Any, claimed: Sequence[Any]) -> Any:

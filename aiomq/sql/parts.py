@@ -24,6 +24,8 @@ _pg_locks = sa.table(
     sa.column("classid", sa.Integer),
     sa.column("objid", sa.Integer),
     sa.column("objsubid", sa.Integer),
+    sa.column("pid", sa.Integer),
+    sa.column("granted", sa.Boolean),
 )
 _pg_database = sa.table("pg_database", sa.column("oid", sa.Integer), sa.column("datname", sa.Text))
 
@@ -110,6 +112,18 @@ class Parts:
                 channels.queue_channel_sql(self.model.channel_prefix, successor.c.queue),
                 sa.cast(sa.func.json_build_object("j", successor.c.id, "t", epoch), sa.Text),
             ).label("hint")
+        )
+
+    def lock_holders(self) -> sa.Select[Any]:
+        """The sessions holding the two-key advisory lock (lock_key, lock_id): process id and database."""
+        return (
+            sa.select(_pg_locks.c.pid, _pg_database.c.datname.label("database"))
+            .select_from(_pg_locks.outerjoin(_pg_database, _pg_database.c.oid == _pg_locks.c.database))
+            .where(_pg_locks.c.locktype == "advisory")
+            .where(_pg_locks.c.classid == sa.bindparam("lock_key", type_=sa.Integer))
+            .where(_pg_locks.c.objid == sa.bindparam("lock_id", type_=sa.Integer))
+            .where(_pg_locks.c.objsubid == 2)
+            .where(_pg_locks.c.granted)
         )
 
     def lock_gone(self, lock_id_col: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
