@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from .cli_args import tcp_port
 from .errors import UsageError
 from .hooks import JobHooks
 from .model import Model
@@ -25,21 +26,11 @@ __all__ = ["add_options", "serving"]
 log = logging.getLogger(__name__)
 
 
-def _port(value: str) -> int:
-    try:
-        port = int(value)
-    except ValueError:
-        port = -1
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a TCP port from 0 to 65535, got {value!r}")
-    return port
-
-
 def add_options(parser: argparse.ArgumentParser) -> None:
     """The worker's metrics options."""
     parser.add_argument(
         "--metrics-port",
-        type=_port,
+        type=tcp_port,
         default=os.environ.get("AIOMQ_METRICS_PORT") or None,
         metavar="PORT",
         help="serve Prometheus metrics on this port (needs aiomq[metrics]; env AIOMQ_METRICS_PORT)",

@@ -17,6 +17,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from .cli_args import tcp_port
 from .dsn import DatabaseURL, check_connection, make_engine
 from .errors import CliError, UsageError
 from .model import Model
@@ -28,16 +29,6 @@ log = logging.getLogger(__name__)
 
 MISSING_EXTRA = "the dashboard needs the web extra: pip install 'aiomq[web]'"
 USER_VAR, PASSWORD_VAR = "AIOMQ_WEB_USER", "AIOMQ_WEB_PASSWORD"
-
-
-def _port(value: str) -> int:
-    try:
-        port = int(value)
-    except ValueError:
-        port = -1
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {value!r}")
-    return port
 
 
 def basic_auth_from_env(environ: dict[str, str] | os._Environ[str] = os.environ) -> tuple[str, str] | None:
@@ -61,7 +52,10 @@ def add_command(
         "--host", default=env("host", "127.0.0.1"), help="address to bind (default 127.0.0.1; env AIOMQ_HOST)"
     )
     web.add_argument(
-        "--port", type=_port, default=env("port", "8080"), help="port to bind (default 8080; env AIOMQ_PORT)"
+        "--port",
+        type=tcp_port,
+        default=env("port", "8080"),
+        help="port to bind (default 8080; env AIOMQ_PORT)",
     )
     web.add_argument(
         "--read-only", action="store_true", help="show no actions and refuse them (env AIOMQ_READ_ONLY=1)"

@@ -45,7 +45,7 @@ LAYERS: list[set[str]] = [
     {"assembly", "metrics"},
     {"worker"},
     {"__init__"},
-    {"testing", "demo", "output"},
+    {"testing", "demo", "output", "cli_args"},
     {"web.security", "web.queries", "web.live", "web.charts"},
     {"web.render"},
     {"web.pages", "web.actions"},

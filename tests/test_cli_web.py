@@ -54,7 +54,7 @@ async def running(*args: str, **env: str) -> AsyncIterator[str]:
 def test_defaults_bind_localhost() -> None:
     args = build_parser().parse_args(["web"])
     assert (args.host, args.port, args.read_only) == ("127.0.0.1", 8080, False)
-    with pytest.raises(UsageError, match="expected a port"):
+    with pytest.raises(UsageError, match="expected a TCP port"):
         build_parser().parse_args(["web", "--port", "70000"])
 
 
