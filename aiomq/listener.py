@@ -20,7 +20,7 @@ import asyncpg
 
 from .compiled import Compiled
 
-__all__ = ["Listener"]
+__all__ = ["Listener", "set_client_keepalive"]
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ _KEEPALIVE_SETTINGS = {
 _PLAN_SETTINGS = {"plan_cache_mode": "force_generic_plan", "jit": "off"}
 
 
-def _set_client_keepalive(conn: Any) -> None:
+def set_client_keepalive(conn: Any) -> None:
     transport = getattr(conn, "_transport", None)
     sock = transport.get_extra_info("socket") if transport is not None else None
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
@@ -94,7 +94,7 @@ class Listener:
         """Connect, take a fresh advisory lock id, LISTEN. Returns the lock id."""
         conn = await self._connect(timeout)
         try:
-            _set_client_keepalive(conn)
+            set_client_keepalive(conn)
             for type_name in ("json", "jsonb"):  # decoded as the engine decodes them
                 await conn.set_type_codec(
                     type_name, encoder=str, decoder=self._json_deserializer, schema="pg_catalog"

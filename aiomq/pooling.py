@@ -44,9 +44,10 @@ async def is_pooled(engine: AsyncEngine) -> bool:
             raw = await conn.get_raw_connection()
             known = _known[pool] = statement_cache_off(raw.dbapi_connection)
         if known:
-            log.info(
+            log.warning(  # a warning: a direct engine configured so loses wait_for_job's LISTEN
                 "the engine on %s has its statement cache off: aiomq takes it for one behind a pooler in "
-                "transaction mode (no statement outside a transaction, no LISTEN, no session lock on it)",
+                "transaction mode (no statement outside a transaction, no session lock on it, and "
+                "wait_for_job polls instead of LISTENing)",
                 engine.url.render_as_string(hide_password=True),
             )
     return known

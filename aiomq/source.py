@@ -357,7 +357,8 @@ def _hub_read(model: Model, dialect: Dialect) -> HubRead[JobInfo]:
     """``wait_for_job``'s batched read of ``model``'s jobs, compiled once per model and dialect (one
     object, so reads of every source on the model share a batch)."""
     compiled = Compiled(statements(model).lookups.jobs_info, dialect)
-    return HubRead(compiled.sql, _info_from_record)
+    table = dialect.identifier_preparer.format_table(model.Job.__table__)
+    return HubRead(compiled.sql, _info_from_record, table)
 
 
 def _info_from_record(record: Any) -> JobInfo:

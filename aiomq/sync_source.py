@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -90,6 +91,10 @@ class SyncMQSource:
     ) -> QueuedJob:
         """Enqueue a job, or join the pending collapsible job on its cursor (then ``created`` is False):
         ``AsyncMQSource.call``. A ``conflict_resolver`` must be a plain (sync) callable."""
+        if inspect.iscoroutinefunction(conflict_resolver):  # refused before any SQL, not on a collapse
+            raise TypeError(
+                "SyncMQSource needs a sync callable as conflict_resolver, not a coroutine function"
+            )
         call = validate_call(  # everything is checked before any SQL
             self._st.parts.job.c,
             queue,

@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
@@ -34,6 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .channels import FINISHED_CHANNEL, parse_finished
 from .dsn import libpq_dsn
+from .listener import set_client_keepalive
 from .pooling import is_pooled
 
 __all__ = ["HubRead", "wait_for_job"]
@@ -48,6 +50,16 @@ LINGER = 60.0
 #: The ``application_name`` of the shared connection, as ``pg_stat_activity`` shows it.
 APPLICATION_NAME = "aiomq wait_for_job"
 
+#: Seconds a batched read may take before the connection is given up (waiters then read through the
+#: pool, and the next ensure() reconnects).
+READ_TIMEOUT = 5.0
+
+#: Seconds after a failed connect before waiters try to connect again.
+RECONNECT_AFTER = 10.0
+
+_REGCLASS = "SELECT to_regclass($1)::oid"
+_REGCLASS_TEXT = "SELECT to_regclass(:name)::oid"
+
 #: A batched read that could not run (the connection broke): the waiter reads through the pool instead.
 _FAILED: Any = object()
 
@@ -59,6 +71,10 @@ class HubRead(Generic[T]):
 
     sql: str
     convert: Callable[[Any], T]
+    #: The table ``sql`` reads, as the engine names it: the hub reads on its own connection only when
+    #: the name finds the same table there (its search path comes from the URL alone, not from the
+    #: engine's ``connect_args``).
+    table: str
 
 
 class _Watch:
@@ -84,6 +100,9 @@ class _Hub:
         self._closing: asyncio.TimerHandle | None = None
         self._wanted: dict[HubRead[Any], dict[int, list[asyncio.Future[Any]]]] = {}
         self._reader: asyncio.Task[None] | None = None
+        self._failed_at = -math.inf  # when connecting last failed (loop time)
+        self._discarded = False
+        self._tables: dict[str, bool] = {}  # table name -> the same table as the engine's
 
     async def enter(self) -> None:
         self._users += 1
@@ -93,25 +112,57 @@ class _Hub:
         await self.ensure()
 
     async def ensure(self) -> None:
-        """Connect and LISTEN unless connected (again, after the connection broke)."""
+        """Connect and LISTEN unless connected (again, after the connection broke). Never waits for
+        another waiter's attempt, and tries at most every :data:`RECONNECT_AFTER` seconds after a
+        failure: meanwhile waiters poll through the engine's pool."""
         if self._conn is not None and not self._conn.is_closed():
             return  # the common case: no lock, no round trip
+        loop = asyncio.get_running_loop()
+        if self._discarded or self._lock.locked() or loop.time() - self._failed_at < RECONNECT_AFTER:
+            return
         async with self._lock:
-            if self._conn is not None and not self._conn.is_closed():
-                return
             try:
                 conn = await asyncpg.connect(
                     self._dsn, timeout=10, server_settings={"application_name": APPLICATION_NAME}
                 )
+                set_client_keepalive(conn)  # a peer gone silent (NAT, load balancer) is noticed
                 for type_name in ("json", "jsonb"):  # decoded as the engine decodes them
                     await conn.set_type_codec(
                         type_name, encoder=str, decoder=self._json_deserializer, schema="pg_catalog"
                     )
                 await conn.add_listener(FINISHED_CHANNEL, self._notified)
             except Exception as ex:  # waiting still works by polling
+                self._failed_at = loop.time()
                 log.warning("wait_for_job cannot LISTEN (%s); polling instead", ex)
                 return
+            if self._discarded:  # the engine was disposed meanwhile
+                conn.terminate()
+                return
             self._conn = conn
+
+    async def usable(self, how: HubRead[Any], engine: AsyncEngine) -> bool:
+        """Whether ``how.table`` names the same table on this connection as through ``engine`` (checked
+        once per table)."""
+        known = self._tables.get(how.table)
+        if known is None:
+            conn = self._conn
+            if conn is None or conn.is_closed():
+                return False
+            try:
+                here = await asyncio.wait_for(conn.fetchval(_REGCLASS, how.table), READ_TIMEOUT)
+                async with engine.connect() as through_engine:
+                    there = await through_engine.scalar(sa.text(_REGCLASS_TEXT), {"name": how.table})
+            except Exception as ex:
+                log.debug("wait_for_job cannot compare its table (%s); reading through the pool", ex)
+                return False
+            known = self._tables[how.table] = here is not None and here == there
+            if not known:
+                log.info(
+                    "wait_for_job's connection sees another %s than the engine (connect_args?): "
+                    "waiters read through the engine's pool",
+                    how.table,
+                )
+        return known
 
     def leave(self) -> None:
         self._users -= 1
@@ -129,6 +180,8 @@ class _Hub:
                 return
             if self._reader is not None:  # a read for a waiter that left; let it end first
                 await asyncio.wait([self._reader])
+                if self._users > 0 or self._conn is None:  # a waiter came, or the engine went
+                    return
             conn, self._conn = self._conn, None
             try:
                 await conn.close(timeout=5)
@@ -137,6 +190,7 @@ class _Hub:
 
     def discard(self) -> None:
         """The engine is disposed: drop the connection now (no await: called from the dispose)."""
+        self._discarded = True
         if self._closing is not None:
             self._closing.cancel()
             self._closing = None
@@ -183,12 +237,15 @@ class _Hub:
         while self._wanted:
             batch, self._wanted = self._wanted, {}
             for how, wanted in batch.items():
+                conn = self._conn
                 try:
-                    rows = await self._conn.fetch(how.sql, list(wanted))
+                    rows = await asyncio.wait_for(conn.fetch(how.sql, list(wanted)), READ_TIMEOUT)
                     found = {row["id"]: how.convert(row) for row in rows}
                 except Exception as ex:  # the waiters read through the pool instead
                     log.debug("wait_for_job's read failed (%s); reading through the pool", ex)
                     found, missing = {}, _FAILED
+                    if isinstance(ex, TimeoutError) and conn is not None:
+                        conn.terminate()  # a silent peer: a later ensure() connects afresh
                 else:
                     missing = None
                 for job_id, futures in wanted.items():
@@ -271,7 +328,8 @@ async def wait_for_job(
                 # Cleared before reading, so a NOTIFY that arrives during the read is not missed.
                 watch.notified.clear()
                 await hub.ensure()
-                got: Any = _FAILED if hub_read is None else await hub.read(hub_read, job_id)
+                use_hub = hub_read is not None and await hub.usable(hub_read, engine)
+                got: Any = await hub.read(hub_read, job_id) if use_hub and hub_read else _FAILED
                 info = await read() if got is _FAILED else got  # _FAILED: no shared connection to read on
                 if info is None:
                     raise LookupError("cannot find job (commit before waiting)", job_id)

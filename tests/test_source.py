@@ -25,6 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 import aiomq
+import aiomq.waiters
 from aiomq import AsyncMQSource, AsyncMQWorker, JobContext, JobInfo, QueuedJob
 from aiomq.model import Model
 
@@ -1449,6 +1450,9 @@ async def test_woken_waiters_read_their_jobs_on_the_shared_connection_not_the_po
     source = AsyncMQSource(engine=engine, model=model)
     checkouts: list[object] = []
     try:
+        warm = await source.call("q", "m")
+        await source.cancel_job(warm.id)
+        await source.wait_for_job(warm.id, timeout=5)  # the first wait compares the table through the pool
         jobs = [await source.call("q", "m", {"i": i}) for i in range(20)]
         sa.event.listen(engine.sync_engine, "checkout", lambda *a: checkouts.append(a))
         waiters = [asyncio.create_task(source.wait_for_job(j.id, timeout=10, poll_interval=30)) for j in jobs]
@@ -1471,6 +1475,75 @@ async def test_woken_waiters_read_their_jobs_on_the_shared_connection_not_the_po
         assert checkouts == []
     finally:
         await engine.dispose()
+
+
+async def test_waiters_read_through_the_pool_when_the_engine_sees_other_tables(
+    database: str, model: Model, db: Any
+) -> None:
+    # The engine's search path (from connect_args) finds the queue's tables in a schema of their own;
+    # wait_for_job's connection, made from the URL alone, would find public's.
+    await db.execute("CREATE SCHEMA tenant")
+    url = sa.make_url(database).set(drivername="postgresql+asyncpg")
+    engine = create_async_engine(url, connect_args={"server_settings": {"search_path": "tenant"}})
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(model.Job.metadata.create_all)
+        source = AsyncMQSource(engine=engine, model=model)
+        job = await source.call("q", "tenant's")
+        await db.execute(  # a job of the same id in public's table, which must not be read
+            "INSERT INTO public.mq_job (id, state, created_time, scheduled_time, queue, method, args)"
+            " VALUES ($1, 'completed', $2, $2, 'q', 'public''s', 'null')",
+            job.id,
+            T0,
+        )
+        waiter = asyncio.create_task(source.wait_for_job(job.id, timeout=10, poll_interval=30))
+        await asyncio.sleep(0.2)
+        assert not waiter.done()
+        await source.cancel_job(job.id)
+        info = await asyncio.wait_for(waiter, 5)
+        assert (info.method, info.state) == ("tenant's", "canceled")
+    finally:
+        await engine.dispose()
+
+
+async def test_a_stuck_read_on_the_shared_connection_gives_it_up(
+    source: AsyncMQSource, database: str, db: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(aiomq.waiters, "READ_TIMEOUT", 0.3)
+    pid_sql = (
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+        " AND application_name = 'aiomq wait_for_job' AND state <> 'active'"
+    )
+
+    async def listening() -> bool:
+        return await db.fetchval(pid_sql) is not None
+
+    job = await source.call("q", "m")
+    waiter = asyncio.create_task(source.wait_for_job(job.id, timeout=20, poll_interval=30))
+    await wait_until(listening)
+    first_pid = await db.fetchval(pid_sql)
+    locker = await asyncpg.connect(database)
+    try:
+        async with locker.transaction():  # reads of mq_job wait, as on a peer gone silent
+            await locker.execute("LOCK TABLE mq_job IN ACCESS EXCLUSIVE MODE")
+            await locker.execute(
+                "UPDATE mq_job SET state = 'canceled', end_time = $2 WHERE id = $1", job.id, T0
+            )
+            await db.execute(  # the waiter wakes now, and its read on the shared connection hangs
+                "SELECT pg_notify('mq.job_finished', $1)", json.dumps({"j": job.id, "s": "canceled"})
+            )
+            await asyncio.sleep(1.0)  # past READ_TIMEOUT: given up; the waiter reads through the pool
+            assert not waiter.done()
+        assert (await asyncio.wait_for(waiter, 5)).state == "canceled"
+    finally:
+        await locker.close()
+    # The connection of the stuck read was dropped: the next wait opens another.
+    second = await source.call("q", "m")
+    waiter = asyncio.create_task(source.wait_for_job(second.id, timeout=10, poll_interval=30))
+    await wait_until(listening)
+    assert await db.fetchval(pid_sql) != first_pid
+    await source.cancel_job(second.id)
+    assert (await asyncio.wait_for(waiter, 5)).state == "canceled"
 
 
 async def test_waiting_survives_the_shared_connection_being_killed(source: AsyncMQSource, db: Any) -> None:

@@ -285,9 +285,21 @@ def test_a_resolver_that_waits_for_the_loop_is_refused_and_changes_nothing(
         job.args = {"n": 2}
         await asyncio.sleep(0)
 
-    with pytest.raises(RuntimeError, match="sync callable"):
+    with pytest.raises(TypeError, match="sync callable"):  # refused before any SQL
         sync_source.call(
             "q", "m", cursor_key="k", when=datetime.timedelta(seconds=-5), conflict_resolver=waits
+        )
+
+    def returns_a_coroutine(job: Any) -> Any:  # not a coroutine function: found when it is called
+        return waits(job)
+
+    with pytest.raises(RuntimeError, match="sync callable"):
+        sync_source.call(
+            "q",
+            "m",
+            cursor_key="k",
+            when=datetime.timedelta(seconds=-5),
+            conflict_resolver=returns_a_coroutine,
         )
     job = sync_source.get_job(first.id)
     assert (job.args, job.scheduled_time) == ({"n": 1}, first.scheduled_time)
