@@ -1332,6 +1332,16 @@ async def _listen_connections(db: Any) -> int:
     return n
 
 
+async def _hub_reading(db: Any) -> bool:
+    """wait_for_job's connection is set up and LISTENing: it has read a job. (Killed or raced while it
+    sets itself up, its connect counts as failed, and the next attempt waits out a backoff.)"""
+    query = await db.fetchval(
+        "SELECT query FROM pg_stat_activity WHERE datname = current_database()"
+        " AND application_name = 'aiomq wait_for_job'"
+    )
+    return query is not None and "= ANY (" in query
+
+
 async def test_wait_for_job_returns_when_a_worker_completes_it(
     source: AsyncMQSource, make_worker: Callable[..., AsyncMQWorker]
 ) -> None:
@@ -1518,9 +1528,12 @@ async def test_a_stuck_read_on_the_shared_connection_gives_it_up(
     async def listening() -> bool:
         return await db.fetchval(pid_sql) is not None
 
+    async def reading() -> bool:
+        return await _hub_reading(db)
+
     job = await source.call("q", "m")
     waiter = asyncio.create_task(source.wait_for_job(job.id, timeout=20, poll_interval=30))
-    await wait_until(listening)
+    await wait_until(reading)
     first_pid = await db.fetchval(pid_sql)
     locker = await asyncpg.connect(database)
     try:
@@ -1550,9 +1563,12 @@ async def test_waiting_survives_the_shared_connection_being_killed(source: Async
     async def listening() -> bool:
         return await _listen_connections(db) == 1
 
+    async def reading() -> bool:
+        return await _hub_reading(db)
+
     first = await source.call("q", "m")
     waiter = asyncio.create_task(source.wait_for_job(first.id, timeout=10, poll_interval=0.1))
-    await wait_until(listening)
+    await wait_until(reading)
     await db.execute(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database()"
         " AND application_name = 'aiomq wait_for_job'"
